@@ -1,0 +1,237 @@
+"""Model blocks: RMSNorm, Mamba2Mixer, Attention, MLP, Block (pre-norm residual).
+
+Legend (the SSD paper's letters): B batch, T seqlen, Q chunk, D d_model, H Mamba heads, P headdim, G groups,
+N d_state, K conv width, A attention heads, KV KV groups, dh attention head dim, F MLP hidden size.
+Blocks are single-device and touch no files; they call kernels.*, never a kernel library directly.
+
+Parameter names follow HF NemotronH's mixers (in_proj/conv1d/dt_bias/A_log/D/norm/out_proj, q/k/v/o_proj,
+up/down_proj) so the Hugging Face name table is a prefix change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hybridctl import kernels
+from hybridctl.config import ATTENTION, MAMBA, ModelConfig
+from hybridctl.config import MLP as MLP_SYMBOL
+
+Tensor = torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device=None, dtype=None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.rmsnorm(x, self.weight, self.eps)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+@dataclass
+class MambaState:
+    """Per-layer decode state: conv [B, conv_dim, K] (the last K conv inputs) and ssm [B, H, P, N] (fp32 default)."""
+
+    conv: Tensor
+    ssm: Tensor
+
+
+@dataclass
+class KVState:
+    """Per-layer KV cache, preallocated: k, v [B, S_max, KV, dh]."""
+
+    k: Tensor
+    v: Tensor
+
+
+class Mamba2Mixer(nn.Module):
+    """in_proj → [z, x, B, C, dt]; causal conv over [x, B, C] + SiLU; SSD scan with D skip; gated RMSNorm grouped by
+    d_inner/G applied to y·silu(z); out_proj."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        m = cfg.mamba
+        self.cfg = cfg
+        self.d_inner, self.nheads, self.headdim = cfg.d_inner, cfg.mamba_nheads, m.headdim
+        self.ngroups, self.d_state, self.d_conv = m.ngroups, m.d_state, m.d_conv
+        self.conv_dim = cfg.conv_dim
+        kw = dict(device=device, dtype=dtype)
+        self.in_proj = nn.Linear(cfg.d_model, cfg.in_proj_dim, bias=m.bias, **kw)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, m.d_conv, groups=self.conv_dim, bias=m.conv_bias,
+                                padding=m.d_conv - 1, **kw)
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads, **kw))
+        self.A_log = nn.Parameter(torch.empty(self.nheads, **kw))
+        self.D = nn.Parameter(torch.empty(self.nheads, **kw))
+        self.norm = RMSNorm(self.d_inner, cfg.norm_eps, **kw)
+        self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=m.bias, **kw)
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True  # type: ignore[attr-defined]
+
+    @property
+    def dt_limit(self) -> tuple[float, float]:
+        m = self.cfg.mamba
+        return (m.dt_clamp_min, math.inf if m.dt_clamp_max is None else m.dt_clamp_max)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """mamba_ssm/Megatron init: A = -U[A_init_min, A_init_max]; dt_bias = softplus⁻¹(log-uniform dt); D = 1."""
+        m = self.cfg.mamba
+        dev = self.A_log.device
+        with torch.no_grad():
+            u = torch.rand(self.nheads, generator=generator, device=dev, dtype=torch.float64)
+            self.A_log.copy_(torch.log(m.A_init_min + u * (m.A_init_max - m.A_init_min)))
+            u = torch.rand(self.nheads, generator=generator, device=dev, dtype=torch.float64)
+            dt = torch.exp(u * (math.log(m.dt_max) - math.log(m.dt_min)) + math.log(m.dt_min))
+            dt = dt.clamp(min=m.dt_init_floor)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            self.D.fill_(1.0)
+            # conv1d: PyTorch's default (kaiming-uniform), as mamba_ssm keeps it.
+            bound = 1.0 / math.sqrt(self.d_conv)  # fan_in of a depthwise conv = K
+            self.conv1d.weight.uniform_(-bound, bound, generator=generator)
+            if self.conv1d.bias is not None:
+                self.conv1d.bias.uniform_(-bound, bound, generator=generator)
+        self.norm.reset_parameters()
+
+    def _split_xbc(self, xBC: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        gn = self.ngroups * self.d_state
+        return torch.split(xBC, [self.d_inner, gn, gn], dim=-1)
+
+    def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, state: MambaState | None = None,
+                continuing: bool = False) -> Tensor:
+        """u [B,T,D] → [B,T,D]. With ``state``: T == 1 and ``continuing`` takes the recurrent step; otherwise a
+        chunked prefill that starts from the state when ``continuing`` and leaves the final conv/SSM state in it."""
+        bsz, seqlen, _ = u.shape
+        zxbcdt = self.in_proj(u)
+        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        conv_w = self.conv1d.weight.squeeze(1)  # [conv_dim, K]
+        if state is not None and continuing and seqlen == 1:
+            xBC = kernels.conv_step(state.conv, xBC[:, 0], conv_w, self.conv1d.bias)
+            x, B, C = self._split_xbc(xBC)
+            y = kernels.ssm_step(state.ssm, x.view(bsz, self.nheads, self.headdim), dt[:, 0], A,
+                                 B.view(bsz, self.ngroups, self.d_state), C.view(bsz, self.ngroups, self.d_state),
+                                 D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
+            y = y.view(bsz, 1, self.d_inner)
+        else:
+            init_conv = state.conv if (state is not None and continuing) else None
+            if state is not None:
+                self._save_conv_state(state, xBC, seq_idx, init_conv)
+            xBC = kernels.causal_conv1d(xBC, conv_w, self.conv1d.bias, initial_state=init_conv, seq_idx=seq_idx)
+            x, B, C = self._split_xbc(xBC)
+            y, final = kernels.ssd_scan(
+                x.reshape(bsz, seqlen, self.nheads, self.headdim), dt, A,
+                B.reshape(bsz, seqlen, self.ngroups, self.d_state), C.reshape(bsz, seqlen, self.ngroups, self.d_state),
+                self.cfg.mamba.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+                initial_state=state.ssm if (state is not None and continuing) else None, seq_idx=seq_idx)
+            if state is not None:
+                state.ssm.copy_(final)
+            y = y.reshape(bsz, seqlen, self.d_inner)
+        y = kernels.rmsnorm_gated(y, z, self.norm.weight, self.norm.eps, self.d_inner // self.ngroups)
+        return self.out_proj(y)
+
+    def _save_conv_state(self, state: MambaState, xBC: Tensor, seq_idx: Tensor | None, init: Tensor | None) -> None:
+        """The last K conv inputs; inputs of an earlier document than the last token's (left padding) are zeroed."""
+        k = self.d_conv
+        prev = init.transpose(1, 2) if init is not None else xBC.new_zeros(xBC.shape[0], k, xBC.shape[2])
+        tail = torch.cat([prev.to(xBC.dtype), xBC], dim=1)[:, -k:]  # [B,K,conv_dim]
+        if seq_idx is not None:
+            sid = torch.cat([seq_idx[:, :1].expand(-1, k), seq_idx], dim=1)[:, -k:]
+            keep = sid == seq_idx[:, -1:]
+            if init is None:
+                pos = torch.arange(xBC.shape[1] + k, device=xBC.device)[-k:] >= k
+                keep = keep & pos
+            tail = tail * keep[..., None]
+        state.conv.copy_(tail.transpose(1, 2))
+
+
+def apply_rope(x: Tensor, positions: Tensor, base: float, rot_dim: int) -> Tensor:
+    """Rotary embedding (GPT-NeoX half-split) on the first rot_dim features. x [B,T,heads,dh], positions [B,T]."""
+    inv = 1.0 / (base ** (torch.arange(0, rot_dim, 2, device=x.device, dtype=torch.float32) / rot_dim))
+    ang = positions.float()[..., None] * inv  # [B,T,rot/2]
+    cos, sin = ang.cos()[:, :, None], ang.sin()[:, :, None]
+    xr, xp = x[..., :rot_dim].float(), x[..., rot_dim:]
+    x1, x2 = xr.chunk(2, dim=-1)
+    rot = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return torch.cat([rot, xp], dim=-1)
+
+
+class Attention(nn.Module):
+    """q/k/v projections, GQA, causal softmax (scale dh^-0.5), o_proj; no bias; NoPE or RoPE."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        a = cfg.attention
+        self.cfg = cfg
+        self.n_heads, self.n_kv, self.dh = a.n_heads, a.n_kv_heads, cfg.head_dim
+        kw = dict(device=device, dtype=dtype, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.dh, **kw)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.dh, **kw)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.dh, **kw)
+        self.o_proj = nn.Linear(self.n_heads * self.dh, cfg.d_model, **kw)
+
+    def forward(self, x: Tensor, *, seq_idx: Tensor | None = None, state: KVState | None = None, offset: int = 0,
+                positions: Tensor | None = None, key_valid: Tensor | None = None) -> Tensor:
+        """x [B,T,D] → [B,T,D]. With ``state``, k/v are written at [offset, offset+T) and the queries attend to the
+        cache up to offset+T. ``seq_idx`` [B, offset+T] covers the keys; ``key_valid`` [B, S] masks cache slots."""
+        bsz, seqlen, _ = x.shape
+        q = self.q_proj(x).view(bsz, seqlen, self.n_heads, self.dh)
+        k = self.k_proj(x).view(bsz, seqlen, self.n_kv, self.dh)
+        v = self.v_proj(x).view(bsz, seqlen, self.n_kv, self.dh)
+        a = self.cfg.attention
+        if a.position == "rope":
+            if positions is None:
+                positions = torch.arange(offset, offset + seqlen, device=x.device)[None].expand(bsz, -1)
+            rot = int(a.rotary_fraction * self.dh)
+            q, k = apply_rope(q, positions, a.rope_base, rot), apply_rope(k, positions, a.rope_base, rot)
+        if state is not None:
+            state.k[:, offset:offset + seqlen] = k
+            state.v[:, offset:offset + seqlen] = v
+            k, v = state.k[:, :offset + seqlen], state.v[:, :offset + seqlen]
+        out = kernels.attention(q, k, v, offset=offset, seq_idx=seq_idx, key_valid=key_valid)
+        return self.o_proj(out.reshape(bsz, seqlen, self.n_heads * self.dh))
+
+
+class MLP(nn.Module):
+    """up_proj → activation (gelu | relu2 | swiglu with gate_proj) → down_proj; no bias."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        self.activation = cfg.mlp.activation
+        kw = dict(device=device, dtype=dtype, bias=False)
+        f = cfg.mlp.hidden_size
+        self.up_proj = nn.Linear(cfg.d_model, f, **kw)
+        if self.activation == "swiglu":
+            self.gate_proj = nn.Linear(cfg.d_model, f, **kw)
+        self.down_proj = nn.Linear(f, cfg.d_model, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.up_proj(x)
+        if self.activation == "gelu":
+            h = F.gelu(h)
+        elif self.activation == "relu2":
+            h = torch.square(F.relu(h))
+        else:
+            h = F.silu(self.gate_proj(x)) * h
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    """Pre-norm residual layer: x + mixer(RMSNorm(x))."""
+
+    def __init__(self, cfg: ModelConfig, kind: str, device=None, dtype=None) -> None:
+        super().__init__()
+        self.kind = kind
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, device=device, dtype=dtype)
+        mixer = {MAMBA: Mamba2Mixer, ATTENTION: Attention, MLP_SYMBOL: MLP}[kind]
+        self.mixer = mixer(cfg, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, **kw) -> Tensor:
+        return x + self.mixer(self.norm(x), **kw)

@@ -1,0 +1,186 @@
+"""Shared checkpoint I/O: atomic output directories, streaming sharded safetensors, lazy safetensors reading.
+
+Everything that writes goes through ``atomic_dir``: a temporary sibling directory renamed into place only when the
+whole checkpoint is complete, so a failure never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from hybridctl.config import HybridctlError
+
+log = logging.getLogger(__name__)
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to ``out``; on success rename it to ``out`` (replacing it if overwrite)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        else:
+            raise HybridctlError(f"{out}: already exists (choose another --out, or remove it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a small file via a temporary file and rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB', '500MB', '1.5GiB' or a byte count → bytes."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper().replace(" ", "")
+    units = [("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)]
+    for suffix, mult in units:
+        if s.endswith(suffix):
+            try:
+                return int(float(s[: -len(suffix)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(s)
+    except ValueError:
+        raise HybridctlError(f"shard size {size!r}: expected e.g. 5GB, 500MB or a byte count") from None
+
+
+def write_sharded(out_dir: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                  get: Callable[[str], torch.Tensor], *, max_shard_size: str | int = "5GB",
+                  pattern: str = "model{suffix}.safetensors", progress: Callable[[int], None] | None = None,
+                  metadata: dict[str, str] | None = None) -> list[str]:
+    """Write tensors as (sharded) safetensors, streaming: only one shard's tensors are in memory at a time.
+
+    specs: name → (shape, dtype) of every output tensor (the plan comes from huggingface_hub's splitter run on meta
+    tensors); get(name) returns the tensor. Writes ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` plus
+    ``model.safetensors.index.json`` (metadata.total_size, weight_map). Returns the file names written.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    meta = {k: torch.empty(shape, dtype=dt, device="meta") for k, (shape, dt) in specs.items()}
+    split = split_torch_state_dict_into_shards(meta, filename_pattern=pattern,
+                                               max_shard_size=parse_size(max_shard_size))
+    for filename, names in split.filename_to_tensors.items():
+        shard = {}
+        for name in names:
+            t = get(name)
+            shape, dt = specs[name]
+            if tuple(t.shape) != tuple(shape):
+                raise HybridctlError(f"{name}: shape {tuple(t.shape)} differs from the planned {tuple(shape)}")
+            shard[name] = t.to(dt).contiguous()
+            if progress:
+                progress(1)
+        save_file(shard, str(out_dir / filename), metadata={"format": "pt", **(metadata or {})})
+        del shard
+    if split.is_sharded:
+        write_json(out_dir / INDEX_NAME, {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
+    return list(split.filename_to_tensors)
+
+
+class SafetensorsReader:
+    """Lazy reader over ``model.safetensors`` or an index + shards (names as stored). Validates on open that every
+    shard exists and holds the tensors the index names."""
+
+    def __init__(self, directory: str | os.PathLike, *, single: str = SINGLE_NAME, index: str = INDEX_NAME) -> None:
+        self.dir = Path(directory)
+        idx = self.dir / index
+        if idx.is_file():
+            try:
+                weight_map = json.loads(idx.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise HybridctlError(f"{idx}: not a valid safetensors index ({e})") from None
+        elif (self.dir / single).is_file():
+            weight_map = None
+        else:
+            raise HybridctlError(f"{self.dir}: no {single} or {index} found")
+        self._files: dict[str, Path] = {}
+        if weight_map is None:
+            files = {single: None}
+        else:
+            files = {}
+            for name, fname in weight_map.items():
+                files.setdefault(fname, []).append(name)
+        self._handles = {}
+        for fname, expected in files.items():
+            path = self.dir / fname
+            if not path.is_file():
+                raise HybridctlError(f"{path}: shard named in the index is missing")
+            try:
+                h = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise HybridctlError(f"{path}: unreadable safetensors file ({e})") from None
+            keys = set(h.keys())
+            if expected is not None:
+                missing = [k for k in expected if k not in keys]
+                if missing:
+                    raise HybridctlError(f"{path}: lacks {missing[0]!r} which the index places there")
+            self._handles[fname] = h
+            for k in (keys if expected is None else expected):
+                self._files[k] = fname
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._files[name]].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return self._handles[self._files[name]].get_slice(name).get_dtype()
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._files:
+            raise HybridctlError(f"{self.dir}: tensor {name!r} not found")
+        try:
+            return self._handles[self._files[name]].get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise HybridctlError(f"{self.dir / self._files[name]}: cannot read {name!r} ({e})") from None
+
+    def total_bytes(self) -> int:
+        return sum((self.dir / f).stat().st_size for f in self._handles)
+
+
+def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:
+    """Copy the named files that exist in src to dst; returns those copied."""
+    done = []
+    for n in names:
+        if (src / n).is_file():
+            shutil.copy2(src / n, dst / n)
+            done.append(n)
+    return done

@@ -1,0 +1,234 @@
+"""HybridLM: embed → blocks from the pattern (pre-norm residual) → final RMSNorm → LM head; InferenceCache; counts.
+
+Native state-dict names (the checkpoint format's names; HF NemotronH's without the ``backbone.`` prefix):
+``embed.weight`` [V,D]; ``layers.{i}.norm.weight`` [D]; ``layers.{i}.mixer.*`` (see blocks.py);
+``norm_f.weight`` [D]; ``lm_head.weight`` [V,D] (absent when embeddings are tied).
+
+Build on meta, then materialise: ``build_model(cfg, device="meta")`` → transforms → ``materialize(model, device)``
+→ ``init_weights`` or ``load_state_dict(..., assign=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hybridctl.blocks import Attention, Block, KVState, Mamba2Mixer, MambaState, RMSNorm
+from hybridctl.config import ATTENTION, LAYER_NAMES, MAMBA, ModelConfig
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class InferenceCache:
+    """Decode state for a batch: per Mamba layer conv [B,conv_dim,K] + SSM [B,H,P,N] (fp32 by default), per attention
+    layer a preallocated KV cache [B,S_max,KV,dh]. ``offset`` counts the positions already processed (same for all
+    rows); ``key_valid`` [B,S_max] marks cache slots that may be attended (False for left padding)."""
+
+    batch_size: int
+    max_seqlen: int
+    layers: dict[int, MambaState | KVState]
+    key_valid: Tensor
+    offset: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        total = 0
+        for st in self.layers.values():
+            for t in (st.conv, st.ssm) if isinstance(st, MambaState) else (st.k, st.v):
+                total += t.numel() * t.element_size()
+        return total
+
+    def reset(self) -> None:
+        self.offset = 0
+        self.key_valid.fill_(True)
+        for st in self.layers.values():
+            for t in (st.conv, st.ssm) if isinstance(st, MambaState) else (st.k, st.v):
+                t.zero_()
+
+
+class HybridLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        kw = dict(device=device, dtype=dtype)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, **kw)
+        self.layers = nn.ModuleList(Block(cfg, kind, **kw) for kind in cfg.pattern)
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps, **kw)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, **kw)
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, *, seq_idx: Tensor | None = None, cache: InferenceCache | None = None,
+                positions: Tensor | None = None, return_hidden: bool = False) -> Tensor:
+        """input_ids [B,T] → logits [B,T,V] (or the final hidden states [B,T,D] with return_hidden).
+
+        seq_idx [B,T]: document ids of packed rows (non-decreasing): no state or attention crosses a boundary.
+        cache: continue from / fill an InferenceCache (prefill when cache.offset == 0, then one token per call);
+        positions [B,T]: RoPE positions (default offset + arange).
+        """
+        h = self.hidden_states(input_ids, seq_idx=seq_idx, cache=cache, positions=positions)
+        return h if return_hidden else self.logits(h)
+
+    def hidden_states(self, input_ids: Tensor, *, seq_idx: Tensor | None = None, cache: InferenceCache | None = None,
+                      positions: Tensor | None = None) -> Tensor:
+        x = self.embed(input_ids)
+        offset = 0 if cache is None else cache.offset
+        continuing = offset > 0
+        key_seq_idx = None
+        if cache is not None and seq_idx is not None and ATTENTION in self.cfg.pattern:
+            # Attention layers need document ids for every key in the cache: padding (an earlier document than
+            # the row's last) is marked invalid once, and later keys are always valid.
+            valid = seq_idx == seq_idx[:, -1:]
+            cache.key_valid[:, offset:offset + valid.shape[1]] = valid
+        if cache is None:
+            key_seq_idx = seq_idx
+        for i, layer in enumerate(self.layers):
+            if layer.kind == MAMBA:
+                x = layer(x, seq_idx=seq_idx, state=None if cache is None else cache.layers[i], continuing=continuing)
+            elif layer.kind == ATTENTION:
+                if cache is None:
+                    x = layer(x, seq_idx=key_seq_idx, positions=positions)
+                else:
+                    end = offset + x.shape[1]
+                    # within a fresh prefill, left padding is its own document and may attend only to itself
+                    sid = seq_idx if (seq_idx is not None and not continuing) else None
+                    x = layer(x, seq_idx=sid, state=cache.layers[i], offset=offset, positions=positions,
+                              key_valid=None if sid is not None else cache.key_valid[:, :end])
+            else:
+                x = layer(x)
+        if cache is not None:
+            cache.offset = offset + input_ids.shape[1]
+        return self.norm_f(x)
+
+    def logits(self, h: Tensor) -> Tensor:
+        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, w)
+
+    # ---- inference cache ------------------------------------------------------------------------------------------
+    def allocate_cache(self, batch_size: int, max_seqlen: int, *, device=None, dtype=None,
+                       state_dtype: torch.dtype = torch.float32) -> InferenceCache:
+        """Preallocate decode state. SSM state in ``state_dtype`` (fp32 default: bf16 state degrades generations)."""
+        p = next(self.parameters())
+        device = device or p.device
+        dtype = dtype or p.dtype
+        cfg, layers = self.cfg, {}
+        for i, kind in enumerate(cfg.pattern):
+            if kind == MAMBA:
+                layers[i] = MambaState(
+                    conv=torch.zeros(batch_size, cfg.conv_dim, cfg.mamba.d_conv, device=device, dtype=dtype),
+                    ssm=torch.zeros(batch_size, cfg.mamba_nheads, cfg.mamba.headdim, cfg.mamba.d_state,
+                                    device=device, dtype=state_dtype))
+            elif kind == ATTENTION:
+                shape = (batch_size, max_seqlen, cfg.attention.n_kv_heads, cfg.head_dim)
+                layers[i] = KVState(k=torch.zeros(shape, device=device, dtype=dtype),
+                                    v=torch.zeros(shape, device=device, dtype=dtype))
+        key_valid = torch.ones(batch_size, max_seqlen, dtype=torch.bool, device=device)
+        return InferenceCache(batch_size, max_seqlen, layers, key_valid)
+
+    # ---- init -----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Megatron/mamba_ssm initialisation: normal(0, init_std) for embeddings and projections, output projections
+        (out_proj, o_proj, down_proj) scaled by 1/sqrt(2·n_layers), Mamba A/dt/D from their ranges, norms = 1."""
+        cfg = self.cfg
+        dev = self.embed.weight.device
+        g = torch.Generator(device=dev).manual_seed(seed)
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+
+        def normal_(t: Tensor, s: float) -> None:
+            # draw in fp32 for reproducibility across dtypes, then cast
+            t.copy_(torch.randn(t.shape, generator=g, device=dev, dtype=torch.float32) * s)
+
+        normal_(self.embed.weight, std)
+        for layer in self.layers:
+            layer.norm.reset_parameters()
+            m = layer.mixer
+            if isinstance(m, Mamba2Mixer):
+                normal_(m.in_proj.weight, std)
+                normal_(m.out_proj.weight, out_std)
+                for lin in (m.in_proj, m.out_proj):
+                    if lin.bias is not None:
+                        lin.bias.zero_()
+                m.reset_parameters(g)
+            elif isinstance(m, Attention):
+                for lin in (m.q_proj, m.k_proj, m.v_proj):
+                    normal_(lin.weight, std)
+                normal_(m.o_proj.weight, out_std)
+            else:
+                normal_(m.up_proj.weight, std)
+                if hasattr(m, "gate_proj"):
+                    normal_(m.gate_proj.weight, std)
+                normal_(m.down_proj.weight, out_std)
+        self.norm_f.reset_parameters()
+        if self.lm_head is not None:
+            normal_(self.lm_head.weight, std)
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """A_log, D, dt_bias, norm weights and biases take no weight decay (all and only the 1-D parameters)."""
+    return getattr(param, "_no_weight_decay", False) or param.ndim < 2
+
+
+def build_model(cfg: ModelConfig, *, device: str | torch.device = "meta", dtype: torch.dtype | None = None
+                ) -> HybridLM:
+    """Construct on ``device`` (meta by default: no memory) without initialising."""
+    with torch.device(device):
+        return HybridLM(cfg, dtype=dtype)
+
+
+def materialize(model: HybridLM, device: str | torch.device, *, seed: int | None = 0) -> HybridLM:
+    """Allocate a meta model on ``device``; initialise when a seed is given (else values are garbage, to be loaded)."""
+    model.to_empty(device=device)
+    if seed is not None:
+        model.init_weights(seed)
+    return model
+
+
+# ---- counts ------------------------------------------------------------------------------------------------------
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters by kind: embedding, lm_head, final_norm, mamba, attention, mlp (each including its pre-norm)."""
+    model = build_model(cfg)
+    counts = {"embedding": model.embed.weight.numel(), "lm_head": 0 if model.lm_head is None else
+              model.lm_head.weight.numel(), "final_norm": model.norm_f.weight.numel()}
+    for name in LAYER_NAMES.values():
+        counts[name] = 0
+    for layer in model.layers:
+        counts[LAYER_NAMES[layer.kind]] += sum(p.numel() for p in layer.parameters())
+    return counts
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token at ``seq_len`` (training ≈ 3×): 2 per matmul weight (head included, embedding lookup
+    excluded), causal attention scores+values 2·2·(seq_len/2)·A·dh per attention layer, and the SSD scan per Mamba
+    layer ≈ 2·H·P·N·3 (input→state, state→output, intra-chunk; an approximation of the chunked algorithm)."""
+    counts = param_counts(cfg)
+    n_attn, n_mamba = cfg.pattern.count(ATTENTION), cfg.pattern.count(MAMBA)
+    d = cfg.d_model
+    matmul = counts["mamba"] + counts["attention"] + counts["mlp"]
+    # subtract the 1-D/conv parameters that are not matmul weights
+    if n_mamba:
+        m = cfg.mamba
+        matmul -= n_mamba * (d + cfg.d_inner + 3 * cfg.mamba_nheads + cfg.conv_dim * (m.d_conv + int(m.conv_bias)))
+    matmul -= (n_attn + cfg.pattern.count("-")) * d
+    head = cfg.vocab_size * d
+    attn = n_attn * 2 * 2 * (seq_len / 2) * cfg.attention.n_heads * cfg.head_dim
+    ssd = n_mamba * 2 * 3 * cfg.mamba_nheads * cfg.mamba.headdim * cfg.mamba.d_state
+    conv = n_mamba * 2 * cfg.conv_dim * cfg.mamba.d_conv
+    fwd = 2 * (matmul + head) + attn + ssd + conv
+    return {"forward": fwd, "training": 3 * fwd, "attention": attn, "ssd": ssd + conv, "matmul": 2 * (matmul + head)}
+
+
+def memory_per_sequence(cfg: ModelConfig, *, dtype_bytes: int = 2, state_bytes: int = 4) -> dict[str, int]:
+    """Decode memory: constant SSM+conv state per sequence vs KV cache bytes per token."""
+    n_mamba, n_attn = cfg.pattern.count(MAMBA), cfg.pattern.count(ATTENTION)
+    ssm = n_mamba * cfg.mamba_nheads * cfg.mamba.headdim * cfg.mamba.d_state * state_bytes
+    conv = n_mamba * cfg.conv_dim * cfg.mamba.d_conv * dtype_bytes
+    kv = n_attn * 2 * cfg.attention.n_kv_heads * cfg.head_dim * dtype_bytes
+    return {"state_bytes_per_sequence": ssm + conv, "ssm_state_bytes": ssm, "conv_state_bytes": conv,
+            "kv_bytes_per_token": kv}

@@ -1,0 +1,240 @@
+"""Pure-PyTorch twins of every kernel: the CPU path and the test oracle.
+
+Letters (the SSD paper's): B batch, T seqlen, Q chunk, C number of chunks, H heads, P headdim, G groups, N d_state,
+K conv width, S key length. Heads are contiguous per group: head h reads group h // (H // G).
+
+Every function here has the same signature as its dispatcher in kernels.py. Maths runs in float32 at least (float64
+inputs stay float64, which is how the tests build their exact references).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def process_dt(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float]) -> Tensor:
+    """dt → softplus(dt + dt_bias), clamped to dt_limit (both optional), in the compute dtype."""
+    dt = dt.to(_compute_dtype(dt.dtype))
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dt.dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    lo, hi = dt_limit
+    if lo > 0.0 or hi != math.inf:
+        dt = dt.clamp(min=lo, max=hi)
+    return dt
+
+
+def _segsum(x: Tensor) -> Tensor:
+    """x [..., Q] → [..., Q, Q] with out[i, j] = sum(x[j+1..i]) for i >= j, -inf above the diagonal.
+
+    Built by a masked cumulative sum rather than cumsum differences, which lose precision for long chunks.
+    """
+    q = x.shape[-1]
+    x = x[..., None].expand(*x.shape, q)  # [..., Q(i), Q(j)] holding x[i]
+    strict = torch.tril(torch.ones(q, q, dtype=torch.bool, device=x.device), diagonal=-1)
+    x = x.masked_fill(~strict, 0)
+    out = torch.cumsum(x, dim=-2)
+    keep = torch.tril(torch.ones(q, q, dtype=torch.bool, device=x.device))
+    return out.masked_fill(~keep, -math.inf)
+
+
+def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, *, D: Tensor | None = None,
+             dt_bias: Tensor | None = None, dt_softplus: bool = False,
+             dt_limit: tuple[float, float] = (0.0, math.inf), initial_state: Tensor | None = None,
+             seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Chunked SSD scan of any length.
+
+    x [B,T,H,P], dt [B,T,H] (raw; processed by dt_bias/softplus/limit), A [H] (negative), B/C [B,T,G,N], D [H],
+    initial_state [B,H,P,N], seq_idx [B,T] int (non-decreasing document ids: the state is reset where it changes; the
+    initial state belongs to the row's first document).
+    Recurrence: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_tᵀ;  y_t = h_t C_t + D x_t.
+    Returns y [B,T,H,P] in x's dtype and the final state [B,H,P,N] in the compute dtype (fp32, or fp64 for fp64 in).
+    """
+    bsz, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    cd = _compute_dtype(x.dtype)
+    dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
+    q = chunk_size
+    pad = (-seqlen) % q
+    xs, Bs, Cs = x.to(cd), B.to(cd), C.to(cd)
+    if seq_idx is None:
+        seq_idx = torch.zeros(bsz, seqlen, dtype=torch.int32, device=x.device)
+    if pad:  # dt = 0 on padding: decay 1, input 0, so the state passes through unchanged
+        xs = F.pad(xs, (0, 0, 0, 0, 0, pad))
+        dt = F.pad(dt, (0, 0, 0, pad))
+        Bs = F.pad(Bs, (0, 0, 0, 0, 0, pad))
+        Cs = F.pad(Cs, (0, 0, 0, 0, 0, pad))
+        seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(bsz, pad)], dim=1)
+    nc = xs.shape[1] // q
+    rep = nheads // ngroups
+    # [B,C,Q,...] views; B/C stay per group until the contraction with x.
+    xs = xs.view(bsz, nc, q, nheads, headdim)
+    dts = dt.view(bsz, nc, q, nheads)
+    Bs = Bs.view(bsz, nc, q, ngroups, dstate)
+    Cs = Cs.view(bsz, nc, q, ngroups, dstate)
+    sidx = seq_idx.view(bsz, nc, q)
+    A_dt = (dts * A.to(cd)).permute(0, 3, 1, 2)  # [B,H,C,Q]
+    A_cum = torch.cumsum(A_dt, dim=-1)
+    xdt = xs * dts[..., None]  # [B,C,Q,H,P]
+
+    # 1. within each chunk (the quadratic, attention-like form), masked to the same document.
+    same_doc = sidx[..., :, None] == sidx[..., None, :]  # [B,C,Q(l),Q(s)]
+    L = torch.exp(_segsum(A_dt))  # [B,H,C,Q,Q]
+    CB = torch.einsum("bclgn,bcsgn->bcgls", Cs, Bs).repeat_interleave(rep, dim=2)  # [B,C,H,Q,Q]
+    scores = CB * L.permute(0, 2, 1, 3, 4) * same_doc[:, :, None]
+    y = torch.einsum("bchls,bcshp->bclhp", scores, xdt)
+
+    # 2. each chunk's own contribution to the state at its end (only tokens of the chunk's last document).
+    last_doc = sidx[..., -1:]  # [B,C,1]
+    decay_to_end = torch.exp(A_cum[..., -1:] - A_cum).permute(0, 2, 3, 1)  # [B,C,Q,H]
+    w = decay_to_end * (sidx == last_doc)[..., None]
+    Bh = Bs.repeat_interleave(rep, dim=3)  # [B,C,Q,H,N]
+    chunk_states = torch.einsum("bclhn,bclh,bclhp->bchpn", Bh, w, xdt)
+
+    # 3. pass states between chunks; a state survives a chunk only if the document does not change in it.
+    state = (initial_state.to(cd) if initial_state is not None
+             else torch.zeros(bsz, nheads, headdim, dstate, dtype=cd, device=x.device))
+    enter_doc = torch.cat([seq_idx[:, :1], seq_idx[:, q - 1:-1:q]], dim=1)  # [B,C] doc of the entering state
+    chunk_decay = torch.exp(A_cum[..., -1]).permute(0, 2, 1)  # [B,C,H]
+    carry = (last_doc[..., 0] == enter_doc).to(cd)  # [B,C]
+    entering = []
+    for c in range(nc):
+        entering.append(state)
+        state = state * (chunk_decay[:, c] * carry[:, c, None])[..., None, None] + chunk_states[:, c]
+    prev = torch.stack(entering, dim=1)  # [B,C,H,P,N]
+
+    # 4. the entering state's contribution to each position (same document as the entering state only).
+    Ch = Cs.repeat_interleave(rep, dim=3)  # [B,C,Q,H,N]
+    decay_in = torch.exp(A_cum).permute(0, 2, 3, 1) * (sidx == enter_doc[..., None])[..., None]  # [B,C,Q,H]
+    y = y + torch.einsum("bclhn,bchpn,bclh->bclhp", Ch, prev, decay_in)
+
+    y = y.reshape(bsz, nc * q, nheads, headdim)[:, :seqlen]
+    if D is not None:
+        y = y + x.to(cd) * D.to(cd)[:, None]
+    return y.to(x.dtype), state
+
+
+def ssm_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None,
+             dt_bias: Tensor | None = None, dt_softplus: bool = False,
+             dt_limit: tuple[float, float] = (0.0, math.inf)) -> Tensor:
+    """One recurrent step, updating ``state`` in place.
+
+    state [B,H,P,N] (fp32 by default), x [B,H,P], dt [B,H] (raw), A [H], B/C [B,G,N], D [H] → y [B,H,P] in x's dtype.
+    """
+    cd = torch.promote_types(state.dtype, torch.float32) if state.dtype != torch.float64 else torch.float64
+    nheads, ngroups = x.shape[1], B.shape[1]
+    rep = nheads // ngroups
+    dt = process_dt(dt, dt_bias, dt_softplus, dt_limit).to(cd)
+    dA = torch.exp(dt * A.to(cd))  # [B,H]
+    Bh = B.to(cd).repeat_interleave(rep, dim=1)  # [B,H,N]
+    Ch = C.to(cd).repeat_interleave(rep, dim=1)
+    xc = x.to(cd)
+    new = state.to(cd) * dA[..., None, None] + (xc * dt[..., None])[..., None] * Bh[:, :, None, :]
+    state.copy_(new)
+    y = torch.einsum("bhpn,bhn->bhp", new, Ch)
+    if D is not None:
+        y = y + xc * D.to(cd)[:, None]
+    return y.to(x.dtype)
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, initial_state: Tensor | None = None,
+                  seq_idx: Tensor | None = None, activation: str | None = "silu") -> Tensor:
+    """Causal depthwise conv along time. x [B,T,Ch], weight [Ch,K], bias [Ch], initial_state [B,Ch,K] (the last K
+    inputs before x; only the last K-1 are used), seq_idx [B,T]: taps never reach into another document."""
+    bsz, seqlen, ch = x.shape
+    k = weight.shape[-1]
+    cd = _compute_dtype(x.dtype)
+    xc = x.to(cd)
+    prev = (initial_state[:, :, 1:].transpose(1, 2).to(cd) if initial_state is not None
+            else xc.new_zeros(bsz, k - 1, ch))
+    xp = torch.cat([prev, xc], dim=1)  # [B,K-1+T,Ch]
+    w = weight.to(cd)
+    out = xc * w[:, k - 1]
+    for j in range(1, k):  # lag j uses weight column K-1-j
+        tap = xp[:, k - 1 - j: k - 1 - j + seqlen] * w[:, k - 1 - j]
+        if seq_idx is not None:
+            lagged = F.pad(seq_idx, (j, 0), value=-1)[:, :seqlen] if initial_state is None else torch.cat(
+                [seq_idx[:, :1].expand(bsz, j), seq_idx], dim=1)[:, :seqlen]
+            tap = tap * (lagged == seq_idx)[..., None]
+        out = out + tap
+    if bias is not None:
+        out = out + bias.to(cd)
+    if activation == "silu":
+        out = F.silu(out)
+    return out.to(x.dtype)
+
+
+def conv_step(conv_state: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
+              activation: str | None = "silu") -> Tensor:
+    """One conv step, updating ``conv_state`` [B,Ch,K] in place (roll left, append x [B,Ch]) → y [B,Ch]."""
+    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+    conv_state[:, :, -1] = x.to(conv_state.dtype)
+    cd = _compute_dtype(x.dtype)
+    out = (conv_state.to(cd) * weight.to(cd)).sum(-1)
+    if bias is not None:
+        out = out + bias.to(cd)
+    if activation == "silu":
+        out = F.silu(out)
+    return out.to(x.dtype)
+
+
+def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim, computed in fp32."""
+    cd = _compute_dtype(x.dtype)
+    xc = x.to(cd)
+    xc = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+    return (xc * weight.to(cd)).to(x.dtype)
+
+
+def rmsnorm_gated(x: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int) -> Tensor:
+    """Grouped gated RMSNorm, normalising after gating: norm_g(x · silu(z)) · weight. x, z [..., D]."""
+    cd = _compute_dtype(x.dtype)
+    y = x.to(cd) * F.silu(z.to(cd))
+    shape = y.shape
+    y = y.view(*shape[:-1], shape[-1] // group_size, group_size)
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    return (y.view(shape) * weight.to(cd)).to(x.dtype)
+
+
+def attention_mask(q_len: int, k_len: int, *, offset: int, device: torch.device, seq_idx: Tensor | None = None,
+                   key_valid: Tensor | None = None) -> Tensor | None:
+    """Boolean mask [B or 1, 1, Tq, S] (True = attend): causal with the queries at positions offset..offset+Tq-1,
+    the same document (seq_idx [B,T] over the whole key range) and key_valid [B,S]. None when plain causal suffices."""
+    if seq_idx is None and key_valid is None and offset == 0 and q_len == k_len:
+        return None
+    qpos = torch.arange(offset, offset + q_len, device=device)
+    kpos = torch.arange(k_len, device=device)
+    mask = (kpos[None, :] <= qpos[:, None])[None, None]
+    if seq_idx is not None:
+        sq = seq_idx[:, -q_len:]
+        mask = mask & (sq[:, None, :, None] == seq_idx[:, None, None, :k_len])
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :k_len]
+    return mask
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, offset: int = 0, seq_idx: Tensor | None = None,
+              key_valid: Tensor | None = None) -> Tensor:
+    """Causal attention with GQA. q [B,Tq,A,dh], k/v [B,S,G,dh] → [B,Tq,A,dh]; scale dh^-0.5.
+
+    offset: absolute position of the first query (keys 0..S-1); seq_idx [B,S]: document ids (no attention across
+    documents); key_valid [B,S]: False for keys that must never be attended (padding in a cache)."""
+    mask = attention_mask(q.shape[1], k.shape[1], offset=offset, device=q.device, seq_idx=seq_idx,
+                          key_valid=key_valid)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = q.shape[2] != k.shape[2]
+    if mask is None:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=gqa)
+    return out.transpose(1, 2)
