@@ -109,32 +109,41 @@ class Mamba2Mixer(nn.Module):
         """u [B,T,D] → [B,T,D]. With ``state``: T == 1 and ``continuing`` takes the recurrent step; otherwise a
         chunked prefill that starts from the state when ``continuing`` and leaves the final conv/SSM state in it."""
         bsz, seqlen, _ = u.shape
+        if state is not None and continuing and seqlen == 1:
+            return self.step(u[:, 0], state)[:, None]
         zxbcdt = self.in_proj(u)
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         A = -torch.exp(self.A_log.float())
         conv_w = self.conv1d.weight.squeeze(1)  # [conv_dim, K]
-        if state is not None and continuing and seqlen == 1:
-            xBC = kernels.conv_step(state.conv, xBC[:, 0], conv_w, self.conv1d.bias)
-            x, B, C = self._split_xbc(xBC)
-            y = kernels.ssm_step(state.ssm, x.view(bsz, self.nheads, self.headdim), dt[:, 0], A,
-                                 B.view(bsz, self.ngroups, self.d_state), C.view(bsz, self.ngroups, self.d_state),
-                                 D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
-            y = y.view(bsz, 1, self.d_inner)
-        else:
-            init_conv = state.conv if (state is not None and continuing) else None
-            if state is not None:
-                self._save_conv_state(state, xBC, seq_idx, init_conv)
-            xBC = kernels.causal_conv1d(xBC, conv_w, self.conv1d.bias, initial_state=init_conv, seq_idx=seq_idx)
-            x, B, C = self._split_xbc(xBC)
-            y, final = kernels.ssd_scan(
-                x.reshape(bsz, seqlen, self.nheads, self.headdim), dt, A,
-                B.reshape(bsz, seqlen, self.ngroups, self.d_state), C.reshape(bsz, seqlen, self.ngroups, self.d_state),
-                self.cfg.mamba.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
-                initial_state=state.ssm if (state is not None and continuing) else None, seq_idx=seq_idx)
-            if state is not None:
-                state.ssm.copy_(final)
-            y = y.reshape(bsz, seqlen, self.d_inner)
+        init_conv = state.conv if (state is not None and continuing) else None
+        xBC_raw = xBC
+        xBC = kernels.causal_conv1d(xBC, conv_w, self.conv1d.bias, initial_state=init_conv, seq_idx=seq_idx)
+        if state is not None:  # after the conv: it still reads the previous state
+            self._save_conv_state(state, xBC_raw, seq_idx, init_conv)
+        x, B, C = self._split_xbc(xBC)
+        y, final = kernels.ssd_scan(
+            x.reshape(bsz, seqlen, self.nheads, self.headdim), dt, A,
+            B.reshape(bsz, seqlen, self.ngroups, self.d_state), C.reshape(bsz, seqlen, self.ngroups, self.d_state),
+            self.cfg.mamba.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+            initial_state=state.ssm if (state is not None and continuing) else None, seq_idx=seq_idx)
+        if state is not None:
+            state.ssm.copy_(final)
+        y = y.reshape(bsz, seqlen, self.d_inner)
         y = kernels.rmsnorm_gated(y, z, self.norm.weight, self.norm.eps, self.d_inner // self.ngroups)
+        return self.out_proj(y)
+
+    def step(self, u: Tensor, state: MambaState) -> Tensor:
+        """One recurrent decode step: u [B,D] → [B,D], updating state.conv [B,conv_dim,K] and state.ssm [B,H,P,N] in
+        place. Static shapes, no Python-int indexing and no host sync, so it can be captured in a CUDA graph."""
+        bsz = u.shape[0]
+        z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xBC = kernels.conv_step(state.conv, xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        x, B, C = self._split_xbc(xBC)
+        y = kernels.ssm_step(state.ssm, x.reshape(bsz, self.nheads, self.headdim), dt, -torch.exp(self.A_log.float()),
+                             B.reshape(bsz, self.ngroups, self.d_state), C.reshape(bsz, self.ngroups, self.d_state),
+                             D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
+        y = kernels.rmsnorm_gated(y.reshape(bsz, self.d_inner), z, self.norm.weight, self.norm.eps,
+                                  self.d_inner // self.ngroups)
         return self.out_proj(y)
 
     def _save_conv_state(self, state: MambaState, xBC: Tensor, seq_idx: Tensor | None, init: Tensor | None) -> None:
@@ -197,6 +206,29 @@ class Attention(nn.Module):
             k, v = state.k[:, :offset + seqlen], state.v[:, :offset + seqlen]
         out = kernels.attention(q, k, v, offset=offset, seq_idx=seq_idx, key_valid=key_valid)
         return self.o_proj(out.reshape(bsz, seqlen, self.n_heads * self.dh))
+
+    def step(self, x: Tensor, state: KVState, *, slot: Tensor, key_mask: Tensor, positions: Tensor | None = None
+             ) -> Tensor:
+        """One decode step with static shapes (CUDA-graph capturable): x [B,D] → [B,D].
+
+        slot [1] long (device tensor): the cache index this token's k/v are written to (``index_copy_``, no
+        Python-int slicing); key_mask [B,S_max] bool: the cache slots this query may attend (valid and <= slot);
+        positions [B] long: RoPE positions (ignored for NoPE). Attention runs over the whole preallocated cache,
+        masked, so its shapes never change from step to step."""
+        bsz = x.shape[0]
+        q = self.q_proj(x).view(bsz, 1, self.n_heads, self.dh)
+        k = self.k_proj(x).view(bsz, 1, self.n_kv, self.dh)
+        v = self.v_proj(x).view(bsz, 1, self.n_kv, self.dh)
+        a = self.cfg.attention
+        if a.position == "rope":
+            rot = int(a.rotary_fraction * self.dh)
+            q = apply_rope(q, positions[:, None], a.rope_base, rot)
+            k = apply_rope(k, positions[:, None], a.rope_base, rot)
+        state.k.index_copy_(1, slot, k.to(state.k.dtype))
+        state.v.index_copy_(1, slot, v.to(state.v.dtype))
+        # offset = S_max - 1 makes the causal part of the mask all-true; key_mask alone decides.
+        out = kernels.attention(q, state.k, state.v, offset=state.k.shape[1] - 1, key_valid=key_mask)
+        return self.o_proj(out.reshape(bsz, self.n_heads * self.dh))
 
 
 class MLP(nn.Module):

@@ -145,11 +145,45 @@ def _not_yet(name: str) -> None:
     raise HybridctlError(f"'{name}' is not implemented yet")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(epilog="Examples:\n\n  hybridctl train recipes/tiny.toml\n\n"
+             "  hybridctl train recipes/tiny.toml --set optim.lr=3e-4 --set data.seq_len=512 --max-steps 20\n\n"
+             "  hybridctl train recipes/phonebook.toml --run-dir runs/pb --resume never --json\n\n"
+             "  torchrun --nproc-per-node 2 -m hybridctl train recipes/hybrid-1.3b.toml   (FSDP2; gloo on CPU)")
 @_errors
-def train(ctx: typer.Context) -> None:
-    """Train from a recipe (TOML): resumable sharded checkpoints; one machine or many (torchrun)."""
-    _not_yet("train")
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file (see recipes/).")],
+    set_: SetOpt = None,
+    resume: Annotated[str, typer.Option(help="auto (newest complete checkpoint of the run, if any) | never | PATH.")
+                      ] = "auto",
+    run_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default: the recipe's checkpoint.dir).")
+                       ] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this optimizer step (checkpointed; the LR "
+                                                     "schedule still spans optim.steps).")] = None,
+    device: DeviceOpt = None,
+    backend: BackendOpt = None,
+    json_: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train from a recipe (TOML): resumable sharded checkpoints, a native export at the end; one process or many
+    (torchrun, FSDP2)."""
+    _setup_logging(verbose)
+    from hybridctl.recipe import load_recipe
+    from hybridctl.train import main_entry
+
+    res = main_entry(recipe=load_recipe(recipe, set_), run_dir=run_dir, resume=resume, device=device,
+                     backend=backend, max_steps=max_steps)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    s = res.summary()
+    if json_:
+        return _print_json(s)
+    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    typer.echo(_table([("steps", str(s["steps"])), ("tokens", _fmt_count(s["tokens"])),
+                       ("final loss", f(s["final_loss"], ".4f")),
+                       ("eval loss / ppl", f"{f(s['eval_loss'], '.4f')} / {f(s['eval_ppl'], '.2f')}"),
+                       ("eval accuracy", f(s["eval_accuracy"], ".3f")), ("wall time", f"{s['wall_s']:.1f} s"),
+                       ("tokens/s", f(s["tokens_per_s"], ",.0f")), ("checkpoint", str(s["checkpoint"])),
+                       ("export", str(s["export"]))]))
 
 
 @app.command("extend-context", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -159,11 +193,51 @@ def extend_context(ctx: typer.Context) -> None:
     _not_yet("extend-context")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(epilog="Examples:\n\n  hybridctl convert runs/tiny --to hf --out export/tiny-hf\n\n"
+             "  hybridctl convert nvidia-nemotron-h-dir --to native --out ckpt --dtype bfloat16\n\n"
+             "  hybridctl convert ckpt --to hf --hf-arch mamba2 --shard-size 2GB --out hf/ --json\n\n"
+             "  hybridctl convert megatron-run/ --to hf --vocab-size 256000 --out hf/ --dry-run")
 @_errors
-def convert(ctx: typer.Context) -> None:
-    """Convert between native, Hugging Face (NemotronH, Mamba2, mamba_ssm) and Megatron checkpoints."""
-    _not_yet("convert")
+def convert(
+    src: CkptArg,
+    to: Annotated[str, typer.Option(help="Target: native | hf | megatron (torch_dist) | megatron-legacy.")],
+    out: OutOpt = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Cast weights: float32 | bfloat16 | float16 (default: "
+                                                 "keep).")] = None,
+    shard_size: Annotated[str, typer.Option(help="Largest safetensors shard (e.g. 5GB, 500MB).")] = "5GB",
+    hf_arch: Annotated[str, typer.Option(help="auto (Mamba2ForCausalLM when all layers are Mamba-2, else "
+                                         "NemotronH) | nemotron_h | mamba2.")] = "auto",
+    tp: Annotated[int, typer.Option(help="Tensor-parallel size (megatron-legacy).")] = 1,
+    pp: Annotated[int, typer.Option(help="Pipeline-parallel size (megatron-legacy).")] = 1,
+    megatron_keys: Annotated[str, typer.Option(help="Megatron key style for megatron-legacy: current | "
+                                               "legacy.")] = "current",
+    iteration: Annotated[Optional[str], typer.Option(help="Megatron source iteration (default: latest).")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="Megatron source: allow pickled objects beyond the "
+                                               "allowlist.")] = False,
+    vocab_size: Annotated[Optional[int], typer.Option(help="Keep only the first N vocab rows (strip padding).")
+                          ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan; write nothing.")] = False,
+    json_: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Convert between native, Hugging Face (NemotronH, Mamba2ForCausalLM, mamba_ssm) and Megatron checkpoints:
+    streamed tensor by tensor, written atomically, refusing anything the target cannot represent exactly."""
+    _setup_logging(verbose)
+    from hybridctl.convert import convert as run
+
+    it = int(iteration) if iteration is not None and iteration.isdigit() else iteration
+    res = run(src=src, to=to, out=out, dtype=dtype, shard_size=shard_size, hf_arch=hf_arch, tp=tp, pp=pp,
+              megatron_keys=megatron_keys, iteration=it, trust_pickle=trust_pickle, vocab_size=vocab_size,
+              overwrite=force, progress=not json_, dry_run=dry_run)
+    if json_:
+        return _print_json(res.to_dict())
+    rows = [("source", f"{res.src} ({res.src_format})"), ("target", res.to + (f" ({res.arch})" if res.arch else "")),
+            ("pattern", res.pattern), ("tensors", f"{res.n_tensors}, {_fmt_bytes(res.nbytes)} {res.dtype}"),
+            ("vocab", f"{res.vocab_size}" + (" (tied embeddings)" if res.tied else "")),
+            ("output", "(dry run: nothing written)" if res.dry_run else f"{res.out} ({len(res.files)} files, "
+             f"{res.seconds:.1f} s)")]
+    typer.echo(_table(rows + [("note", n) for n in res.notes]))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -173,11 +247,71 @@ def quantize(ctx: typer.Context) -> None:
     _not_yet("quantize")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(epilog="Prompts: --prompt TEXT (repeatable: one batch), --prompt - (stdin), --prompt-file PATH (each file"
+             " is one prompt). --json prints one object for a single prompt, and {\"results\": [per-prompt objects],"
+             " ...batch timings} for several.\n\nExamples:\n\n"
+             "  hybridctl generate runs/tiny --prompt 'Once upon a time' --max-new-tokens 64\n\n"
+             "  echo 'Hello' | hybridctl generate runs/tiny --prompt - --temperature 0.8 --top-p 0.9 --seed 1\n\n"
+             "  hybridctl generate ckpt/ -p 'a' -p 'bb' --stop '\\n' --json")
 @_errors
-def generate(ctx: typer.Context) -> None:
-    """Generate text from a checkpoint with a constant-size SSM state."""
-    _not_yet("generate")
+def generate(
+    ckpt: CkptArg,
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        "--prompt", "-p", help="Prompt text; '-' reads stdin; repeat for a batch.")] = None,
+    prompt_file: Annotated[Optional[list[Path]], typer.Option(help="File holding one prompt (repeatable).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 128,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
+    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p × the top probability (0 = off).")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeating tokens (1 = off).")] = 1.0,
+    seed: SeedOpt = 0,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop when this text appears (repeatable).")] = None,
+    ignore_eos: Annotated[bool, typer.Option(help="Keep generating past the tokenizer's EOS.")] = False,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer override: 'byte' or a path.")] = None,
+    device: DeviceOpt = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Compute dtype (default: the checkpoint's).")] = None,
+    backend: BackendOpt = None,
+    state_dtype: Annotated[str, typer.Option(help="SSM state dtype: float32 | bfloat16.")] = "float32",
+    cuda_graph: Annotated[bool, typer.Option(help="Replay the decode step from a CUDA graph (GPU).")] = True,
+    json_: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Generate text from any checkpoint: chunked-scan prefill, then one constant-state recurrent step per token.
+    A single prompt streams to stdout as it is produced; timings go to stderr."""
+    _setup_logging(verbose)
+    from hybridctl.generate import generate as run
+
+    prompts = _gather_prompts(prompt, prompt_file)
+    stream = None if (json_ or len(prompts) > 1) else (lambda _i, piece: typer.echo(piece, nl=False))
+    res = run(ckpt, prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
+              top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+              stop=stop or (), use_eos=not ignore_eos, device=device, dtype=dtype, backend=backend,
+              state_dtype=state_dtype, cuda_graph=cuda_graph, on_text=stream)
+    if json_:
+        return _print_json(res.per_prompt(0) if len(prompts) == 1 else dict(
+            results=[{k: res.per_prompt(i)[k] for k in ("text", "tokens", "prompt_tokens", "finish_reason")}
+                     for i in range(len(prompts))], **res.summary()))
+    if stream is None:
+        for i, text in enumerate(res.texts):
+            typer.echo(f"--- prompt {i} ---\n{text}")
+    else:
+        typer.echo("")
+    typer.echo(f"[{res.batch_size}×{res.decode_steps + 1} tokens | TTFT {res.time_to_first_token_s:.3f} s | "
+               f"prefill {res.prefill_tokens_per_s:.1f} tok/s | decode {res.decode_tokens_per_s:.1f} tok/s | "
+               f"{res.device} {res.backend}{' cuda-graph' if res.cuda_graph else ''}]", err=True)
+
+
+def _gather_prompts(prompt: Optional[list[str]], prompt_file: Optional[list[Path]]) -> list[str]:
+    """--prompt values ('-' = stdin) then --prompt-file contents, in order; at least one."""
+    out = [sys.stdin.read() if p == "-" else p for p in prompt or []]
+    for f in prompt_file or []:
+        if not f.is_file():
+            raise HybridctlError(f"--prompt-file {f}: no such file")
+        out.append(f.read_text(encoding="utf-8"))
+    if not out:
+        raise HybridctlError("no prompt: pass --prompt TEXT, --prompt - (stdin) or --prompt-file PATH")
+    return out
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -189,17 +323,16 @@ def bench(ctx: typer.Context) -> None:
 
 # ---- completion ----------------------------------------------------------------------------------------------------
 SHELLS = ("bash", "zsh", "fish")
+COMPLETE_VAR = "_HYBRIDCTL_COMPLETE"
 
 
 def completion_script(shell: str) -> str:
-    """The completion script for ``shell``, generated from the CLI through Click's public completion API."""
-    from click.shell_completion import get_completion_class
+    """The completion script for ``shell`` (Typer's own scripts, answered at run time by ``main``)."""
+    from typer.completion import get_completion_script
 
-    cls = get_completion_class(shell)
-    if cls is None or shell not in SHELLS:
+    if shell not in SHELLS:
         raise HybridctlError(f"shell {shell!r} is not supported; use one of {', '.join(SHELLS)}")
-    command = typer.main.get_command(app)
-    return cls(command, {}, "hybridctl", "_HYBRIDCTL_COMPLETE").source()
+    return get_completion_script(prog_name="hybridctl", complete_var=COMPLETE_VAR, shell=shell)
 
 
 @app.command(epilog="Examples:\n\n  hybridctl completion bash > ~/.local/share/bash-completion/completions/hybridctl"
@@ -211,7 +344,11 @@ def completion(shell: Annotated[str, typer.Argument(help="bash | zsh | fish")]) 
 
 
 def main() -> None:
-    app()
+    if os.environ.get(COMPLETE_VAR):  # a completion request from a shell script: register Typer's shell classes
+        from typer.completion import completion_init
+
+        completion_init()
+    app(prog_name="hybridctl")
 
 
 if __name__ == "__main__":

@@ -327,7 +327,7 @@ def _hybrid(d_model: int, n_layers: int, *, vocab: int = 50304, heads: int, kv: 
         pattern=allocate_pattern(n_layers, PAPER_ATTENTION_RATIO, PAPER_MLP_RATIO),
         mamba=dict(d_state=d_state, headdim=headdim, ngroups=ngroups),
         attention=dict(n_heads=heads, n_kv_heads=kv, head_dim=d_model // heads),
-        mlp=dict(hidden_size=4 * d_model, activation="gelu"),
+        mlp=dict(hidden_size=4 * d_model, activation="gelu"), tie_embeddings=True,
     )
 
 
@@ -348,11 +348,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                  mamba=dict(d_state=16, headdim=32, ngroups=2, chunk_size=32),
                  attention=dict(n_heads=4, n_kv_heads=2, head_dim=32),
                  mlp=dict(hidden_size=512, activation="gelu")),
-    # A ladder of hybrids allocated with the paper's ratios (8% attention, 50% MLP).
-    "hybrid-130m": _hybrid(768, 24, heads=12, kv=4),
-    "hybrid-370m": _hybrid(1024, 48, heads=16, kv=8),
-    "hybrid-1.3b": _hybrid(2048, 48, heads=16, kv=8),
-    "hybrid-2.7b": _hybrid(2560, 64, heads=20, kv=4),
+    # A ladder of hybrids allocated with the paper's ratios (8% attention, 50% MLP), tied embeddings (as the Mamba
+    # papers' small models), GPT-NeoX-sized vocab: 130M, 372M, 1.31B, 2.74B parameters.
+    "hybrid-130m": _hybrid(768, 20, heads=12, kv=4),
+    "hybrid-370m": _hybrid(1024, 40, heads=16, kv=8),
+    "hybrid-1.3b": _hybrid(2048, 40, heads=16, kv=8),
+    "hybrid-2.7b": _hybrid(2560, 56, heads=20, kv=4),
 }
 
 

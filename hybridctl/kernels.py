@@ -168,7 +168,8 @@ def ssm_step(state, x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, 
     dt_e = dt[..., None].expand(-1, -1, p)
     A_e = A.float()[:, None, None].expand(-1, p, n)
     D_e = None if D is None else D[:, None].expand(-1, p)
-    return k.state_update(state, x, dt_e, A_e, B, C, D=D_e)
+    zero_bias = torch.zeros((), device=x.device, dtype=dt.dtype).expand(x.shape[1], p)  # the kernel needs one
+    return k.state_update(state, x, dt_e, A_e, B, C, D=D_e, dt_bias=zero_bias, dt_softplus=False)
 
 
 def causal_conv1d(x, weight, bias=None, *, initial_state=None, seq_idx=None, activation="silu"):

@@ -1,0 +1,1 @@
+complete --command hybridctl --no-files --arguments "(env _HYBRIDCTL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) hybridctl)" --condition "env _HYBRIDCTL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) hybridctl"
