@@ -80,9 +80,10 @@ class Tokenizer(ABC):
                                  f" a model with a padded vocabulary must mask those logits")
         return self._decode_plain(ids)
 
-    def stream_decoder(self) -> StreamDecoder:
-        """A fresh incremental decoder for one generated sequence."""
-        return StreamDecoder(self)
+    def stream_decoder(self, context: Sequence[int] = ()) -> StreamDecoder:
+        """A fresh incremental decoder for one generated sequence. ``context``: the prompt's ids (the last few are
+        kept), so the first generated word gets its leading space from SentencePiece / byte-level BPE."""
+        return StreamDecoder(self, context)
 
     def describe(self) -> str:
         return (f"{self.kind} tokenizer: vocab {self.vocab_size}, bos {self.bos_id}, eos {self.eos_id}, "
@@ -103,11 +104,11 @@ class StreamDecoder:
     ``flush()`` returns whatever is left (incomplete bytes as U+FFFD) at the end of generation.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
         self._tok = tokenizer
-        self._ids: list[int] = []
+        self._ids: list[int] = [int(i) for i in context][-4:]  # enough to settle a word boundary
         self._prefix = 0  # window start: one emitted step of context
-        self._read = 0  # ids before this are already emitted
+        self._read = len(self._ids)  # ids before this are already emitted (or are the prompt)
 
     def push(self, token_id: int) -> str:
         self._ids.append(int(token_id))
@@ -130,7 +131,7 @@ class _ByteStreamDecoder(StreamDecoder):
     """Exact streaming for `ByteTokenizer`: Python's incremental UTF-8 decoder holds back partial characters."""
 
     def __init__(self, tokenizer: ByteTokenizer) -> None:
-        super().__init__(tokenizer)
+        super().__init__(tokenizer)  # bytes need no context: a character is complete or it is not
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
@@ -144,9 +145,9 @@ class _ByteStreamDecoder(StreamDecoder):
         return self._utf8.decode(b"", final=True)
 
 
-def decode_stream(tokenizer: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
+def decode_stream(tokenizer: Tokenizer, ids: Iterable[int], context: Sequence[int] = ()) -> Iterator[str]:
     """Yield text pieces as ``ids`` arrive (only complete characters; the remainder at the end)."""
-    dec = tokenizer.stream_decoder()
+    dec = tokenizer.stream_decoder(context)
     for i in ids:
         piece = dec.push(i)
         if piece:
@@ -191,7 +192,7 @@ class ByteTokenizer(Tokenizer):
     def _decode_plain(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
-    def stream_decoder(self) -> StreamDecoder:
+    def stream_decoder(self, context: Sequence[int] = ()) -> StreamDecoder:
         return _ByteStreamDecoder(self)
 
     def save(self, directory: str | Path) -> list[Path]:
