@@ -1,0 +1,615 @@
+"""Hugging Face checkpoints: read and write NemotronH and Mamba2ForCausalLM directories; read mamba_ssm ones.
+
+What transformers 5.23 actually does (models/nemotron_h, models/mamba2), and so what a conversion must preserve:
+- NemotronH clamps ``dt = softplus(dt + dt_bias)`` from below at ``time_step_min`` in its chunked path (upper bound
+  none; ``time_step_limit`` is ignored). hybridctl carries that as ``mamba.dt_clamp_min = time_step_min``; exporting
+  a model with no clamp (Megatron semantics) writes ``time_step_min = 0.0``, which makes transformers' clamp a no-op.
+  Its cached single-token step clamps nothing at all (a transformers inconsistency hybridctl does not copy).
+- Mamba2ForCausalLM clamps to ``time_step_limit`` (both bounds); its ``time_step_min/max/floor`` only initialise.
+- NemotronH never re-ties ``lm_head`` to the embeddings, whatever ``tie_word_embeddings`` says: a tied model's export
+  still writes ``lm_head.weight``. Mamba2 and mamba_ssm do tie when their config says so.
+- NemotronH MLPs are ``down(act(up(x)))`` with ``mlp_hidden_act`` (``relu2`` | ``gelu`` here): no gated (swiglu) MLP,
+  no position embedding in attention (NoPE), explicit ``head_dim``; the Mamba inner size is
+  ``mamba_num_heads * mamba_head_dim`` (``expand`` is not read). Gated RMSNorm is grouped (size d_inner / n_groups),
+  normalising after the gate, eps ``layer_norm_epsilon`` — as hybridctl's. ``residual_in_fp32`` is not read by
+  NemotronH; Mamba2 honours it (a difference only below fp32).
+- transformers writes +inf in config.json as ``{"__float__": "Infinity"}``; both that and JSON ``Infinity`` are read.
+Tensor layouts equal the native ones: conversion renames (checkpoint/keymaps.py) and streams tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hybridctl.checkpoint import Source, TensorSpec, _read_json, check_specs
+from hybridctl.checkpoint.io import SafetensorsReader, atomic_dir, copy_files, write_json, write_sharded
+from hybridctl.checkpoint.keymaps import (HF_BACKBONE, HF_MLP_ACT, HF_MLP_ACT_INV, HF_MODEL_PREFIX, MAMBA_SSM,
+                                          NEMOTRON_BLOCK_SYMBOLS, NEMOTRON_BLOCK_TYPES, KeyMap)
+from hybridctl.config import ATTENTION, MAMBA, MLP, HybridctlError, ModelConfig, parse_pattern
+
+log = logging.getLogger(__name__)
+ARCHS = ("auto", "nemotron_h", "mamba2")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "hybridctl_tokenizer.json")
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+_INIT_FIELDS = ("dt_min", "dt_max", "dt_init_floor", "A_init_min", "A_init_max")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _float(v: Any, what: str) -> float:
+    """A float from config.json: a number, 'Infinity'/'inf' or transformers' {"__float__": "Infinity"}."""
+    if isinstance(v, dict) and "__float__" in v:
+        v = v["__float__"]
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise HybridctlError(f"config.json: {what} must be a number, got {v!r}") from None
+
+
+def _json_float(x: float) -> Any:
+    """The way transformers 5 serialises non-finite floats, so its configs and ours read back the same."""
+    return x if math.isfinite(x) else {"__float__": "Infinity" if x > 0 else "-Infinity"}
+
+
+def _model_config(where: str, **kw: Any) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(kw)
+    except HybridctlError as e:
+        raise HybridctlError(f"{where}: this config does not describe a model hybridctl can run: {e}") from None
+
+
+def _require(cond: bool, where: str, what: str) -> None:
+    if not cond:
+        raise HybridctlError(f"{where}: {what}")
+
+
+def _init_overrides(c: dict[str, Any]) -> dict[str, Any]:
+    """Initialisation-only fields hybridctl stored at export (no HF field holds them); validated by MambaConfig."""
+    block = c.get("hybridctl")
+    init = block.get("init") if isinstance(block, dict) else None
+    return {k: v for k, v in (init or {}).items() if k in _INIT_FIELDS}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# config.json → ModelConfig (tie_embeddings is decided later, from the tensors)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _nemotron_pattern(c: dict[str, Any], where: str) -> str:
+    types = c.get("layers_block_type") or c.get("layer_types")
+    if isinstance(types, list):
+        unknown = [t for t in types if t not in NEMOTRON_BLOCK_SYMBOLS]
+        _require(not unknown, where, f"unknown layers_block_type {unknown[:1]}; expected "
+                 f"{', '.join(NEMOTRON_BLOCK_TYPES.values())}")
+        pattern = "".join(NEMOTRON_BLOCK_SYMBOLS[t] for t in types)
+    elif isinstance(c.get("hybrid_override_pattern"), str):
+        pattern = c["hybrid_override_pattern"]
+    else:
+        raise HybridctlError(f"{where}: config.json has neither layers_block_type nor hybrid_override_pattern")
+    if "E" in pattern:
+        raise HybridctlError(f"{where}: MoE layers (layer {pattern.index('E')} is 'moe'/'E') are not supported by "
+                             "hybridctl yet; only Mamba-2, attention and MLP layers convert")
+    try:
+        return parse_pattern(pattern)
+    except HybridctlError as e:
+        raise HybridctlError(f"{where}: {e}") from None
+
+
+def _from_nemotron(c: dict[str, Any], where: str) -> tuple[ModelConfig, list[str]]:
+    notes: list[str] = []
+    pattern = _nemotron_pattern(c, where)
+    _require(not c.get("mlp_bias") and not c.get("attention_bias"), where,
+             "mlp_bias/attention_bias are set; hybridctl's attention and MLP have no biases")
+    _require(c.get("mamba_hidden_act", "silu") == "silu", where,
+             f"mamba_hidden_act {c.get('mamba_hidden_act')!r} is not supported (hybridctl's Mamba-2 uses silu)")
+    _require(c.get("sliding_window") is None, where, "sliding-window attention is not supported")
+    act = c.get("mlp_hidden_act", "relu2")
+    _require(act in HF_MLP_ACT_INV, where, f"mlp_hidden_act {act!r} is not supported; hybridctl converts "
+             f"{', '.join(HF_MLP_ACT_INV)}")
+    if c.get("num_nextn_predict_layers"):
+        notes.append("multi-token-prediction (mtp.*) weights are skipped, as transformers skips them")
+    d = int(c.get("hidden_size", 4096))
+    heads, hdim = int(c.get("mamba_num_heads", 128)), int(c.get("mamba_head_dim", 64))
+    expand = int(c.get("expand", 2))
+    if MAMBA in pattern:
+        # transformers sizes the mixer from heads*head_dim and never reads `expand`; hybridctl derives d_inner from
+        # expand*d_model, so the two must agree through an integer expand.
+        _require((heads * hdim) % d == 0, where, f"mamba_num_heads*mamba_head_dim = {heads * hdim} is not a "
+                 f"multiple of hidden_size {d}; hybridctl needs d_inner = expand*hidden_size")
+        expand = heads * hdim // d
+    tsm = _float(c.get("time_step_min", 1e-3), "time_step_min")
+    mamba = dict(d_state=int(c.get("ssm_state_size", 128)), headdim=hdim, ngroups=int(c.get("n_groups", 8)),
+                 expand=expand, d_conv=int(c.get("conv_kernel", 4)), chunk_size=int(c.get("chunk_size", 128)),
+                 conv_bias=bool(c.get("use_conv_bias", True)), bias=bool(c.get("use_bias", False)),
+                 dt_min=tsm if tsm > 0 else 1e-3, dt_max=_float(c.get("time_step_max", 0.1), "time_step_max"),
+                 dt_init_floor=_float(c.get("time_step_floor", 1e-4), "time_step_floor"),
+                 dt_clamp_min=tsm, dt_clamp_max=None)
+    mamba.update(_init_overrides(c))
+    n_heads = int(c.get("num_attention_heads", 32))
+    head_dim = c.get("head_dim") or c.get("attention_head_dim") or 128  # 128: transformers' default
+    attention = dict(n_heads=n_heads, n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
+                     head_dim=int(head_dim), position="none")
+    mlp = dict(hidden_size=int(c.get("intermediate_size", 21504)), activation=HF_MLP_ACT_INV[act])
+    cfg = _model_config(where, vocab_size=int(c.get("vocab_size", 131072)), d_model=d, pattern=pattern,
+                        mamba=mamba, attention=attention, mlp=mlp,
+                        norm_eps=_float(c.get("layer_norm_epsilon", 1e-5), "layer_norm_epsilon"),
+                        init_std=_float(c.get("initializer_range", 0.02), "initializer_range"),
+                        residual_in_fp32=bool(c.get("residual_in_fp32", False)))
+    return cfg, notes
+
+
+def _dt_limit(c: dict[str, Any]) -> tuple[float, float | None]:
+    lim = c.get("time_step_limit", (0.0, math.inf))
+    if not isinstance(lim, (list, tuple)) or len(lim) != 2:
+        raise HybridctlError(f"config.json: time_step_limit must be a pair, got {lim!r}")
+    lo, hi = _float(lim[0], "time_step_limit[0]"), _float(lim[1], "time_step_limit[1]")
+    return lo, (None if math.isinf(hi) else hi)
+
+
+def _from_mamba2(c: dict[str, Any], where: str) -> tuple[ModelConfig, list[str]]:
+    _require(c.get("hidden_act", "silu") == "silu", where, f"hidden_act {c.get('hidden_act')!r} is not supported")
+    d, expand = int(c.get("hidden_size", 4096)), int(c.get("expand", 2))
+    heads, hdim = int(c.get("num_heads", 128)), int(c.get("head_dim", 64))
+    _require(heads * hdim == expand * d, where, f"num_heads*head_dim ({heads * hdim}) must equal expand*hidden_size "
+             f"({expand * d})")
+    lo, hi = _dt_limit(c)
+    mamba = dict(d_state=int(c.get("state_size", 128)), headdim=hdim, ngroups=int(c.get("n_groups", 8)),
+                 expand=expand, d_conv=int(c.get("conv_kernel", 4)), chunk_size=int(c.get("chunk_size", 256)),
+                 conv_bias=bool(c.get("use_conv_bias", True)), bias=bool(c.get("use_bias", False)),
+                 dt_min=_float(c.get("time_step_min", 1e-3), "time_step_min"),
+                 dt_max=_float(c.get("time_step_max", 0.1), "time_step_max"),
+                 dt_init_floor=_float(c.get("time_step_floor", 1e-4), "time_step_floor"),
+                 dt_clamp_min=lo, dt_clamp_max=hi)
+    mamba.update(_init_overrides(c))
+    cfg = _model_config(where, vocab_size=int(c.get("vocab_size", 32768)), d_model=d,
+                        pattern=MAMBA * int(c.get("num_hidden_layers", 64)), mamba=mamba,
+                        norm_eps=_float(c.get("layer_norm_epsilon", 1e-5), "layer_norm_epsilon"),
+                        init_std=_float(c.get("initializer_range", 0.1), "initializer_range"),
+                        residual_in_fp32=bool(c.get("residual_in_fp32", True)))
+    notes = ["residual_in_fp32: transformers keeps the residual stream in fp32; hybridctl keeps it in the model "
+             "dtype (identical in fp32)"] if cfg.residual_in_fp32 else []
+    return cfg, notes
+
+
+def _from_mamba_ssm(c: dict[str, Any], where: str, vocab_rows: int) -> tuple[ModelConfig, list[str]]:
+    """mamba_ssm MambaConfig (+ its Mamba2 module defaults). The embedding is padded to pad_vocab_size_multiple in
+    mamba_ssm, so the vocab is the tensor's row count (its logits over padding rows exist there too)."""
+    ssm = c.get("ssm_cfg") or {}
+    _require(ssm.get("layer") == "Mamba2", where, f"ssm_cfg.layer is {ssm.get('layer', 'Mamba1')!r}; only Mamba-2 "
+             "mamba_ssm models convert (Mamba-1 is a different mixer)")
+    _require(not c.get("attn_layer_idx") and not c.get("d_intermediate"), where,
+             "mamba_ssm hybrid blocks (attn_layer_idx / d_intermediate) are not supported yet")
+    _require(c.get("rms_norm", True), where, "rms_norm is false (LayerNorm); hybridctl supports RMSNorm only")
+    _require(ssm.get("rmsnorm", True) and not ssm.get("norm_before_gate", False) and not ssm.get("D_has_hdim"),
+             where, "ssm_cfg rmsnorm=false / norm_before_gate=true / D_has_hdim=true are not supported")
+    _require(isinstance(c.get("d_model"), int) and isinstance(c.get("n_layer"), int), where,
+             "mamba_ssm config.json needs integer d_model and n_layer")
+    d, expand = c["d_model"], int(ssm.get("expand", 2))
+    _require(ssm.get("d_ssm") in (None, expand * d), where, "ssm_cfg.d_ssm != expand*d_model is not supported")
+    lo, hi = (0.0, None)
+    if "dt_limit" in ssm:
+        lo, hi = _dt_limit({"time_step_limit": ssm["dt_limit"]})
+    a_lo, a_hi = ssm.get("A_init_range", (1, 16))
+    mamba = dict(d_state=int(ssm.get("d_state", 128)), headdim=int(ssm.get("headdim", 64)),
+                 ngroups=int(ssm.get("ngroups", 1)), expand=expand, d_conv=int(ssm.get("d_conv", 4)),
+                 chunk_size=int(ssm.get("chunk_size", 256)), conv_bias=bool(ssm.get("conv_bias", True)),
+                 bias=bool(ssm.get("bias", False)), dt_min=float(ssm.get("dt_min", 1e-3)),
+                 dt_max=float(ssm.get("dt_max", 0.1)), dt_init_floor=float(ssm.get("dt_init_floor", 1e-4)),
+                 dt_clamp_min=lo, dt_clamp_max=hi, A_init_min=float(a_lo), A_init_max=float(a_hi))
+    cfg = _model_config(where, vocab_size=vocab_rows, d_model=d, pattern=MAMBA * int(c["n_layer"]), mamba=mamba,
+                        norm_eps=1e-5, residual_in_fp32=bool(c.get("residual_in_fp32", True)))
+    notes = []
+    if vocab_rows != c.get("vocab_size"):
+        notes.append(f"vocab: {vocab_rows} embedding rows (vocab_size {c.get('vocab_size')} padded to a multiple of "
+                     f"{c.get('pad_vocab_size_multiple', 8)} by mamba_ssm); kept, as mamba_ssm runs them")
+    return cfg, notes
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Weights on disk: safetensors (single/sharded) or pytorch_model.bin (single/sharded), loaded without code execution
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _BinReader:
+    """pytorch_model.bin (or an index of them) through torch.load(weights_only=True, mmap=True): no code runs, and
+    mmap keeps memory at the tensors actually touched."""
+
+    def __init__(self, path: Path) -> None:
+        self.dir = path
+        self._cache: tuple[str, dict[str, torch.Tensor]] | None = None  # the one file held open (mmap)
+        idx = path / "pytorch_model.bin.index.json"
+        if idx.is_file():
+            wm = (_read_json(idx) or {}).get("weight_map")
+            if not isinstance(wm, dict):
+                raise HybridctlError(f"{idx}: not a valid index (no weight_map)")
+            self._files = dict(wm)
+        else:
+            self._files = {k: "pytorch_model.bin" for k in self._load("pytorch_model.bin")}
+        self._meta: dict[str, TensorSpec] = {}
+        for fname in dict.fromkeys(self._files.values()):
+            sd = self._load(fname)
+            for k, t in sd.items():
+                self._meta[k] = (tuple(t.shape), t.dtype)
+        missing = [k for k in self._files if k not in self._meta]
+        if missing:
+            raise HybridctlError(f"{path}: {missing[0]!r} is named in the index but in no weight file")
+
+    def _load(self, fname: str) -> dict[str, torch.Tensor]:
+        if self._cache and self._cache[0] == fname:
+            return self._cache[1]
+        p = self.dir / fname
+        if not p.is_file():
+            raise HybridctlError(f"{p}: weight file is missing")
+        try:
+            sd = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001 - unpickling refusals and corrupt files both end here
+            raise HybridctlError(f"{p}: cannot be read safely as a tensor state dict "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise HybridctlError(f"{p}: expected a flat dict of tensors")
+        self._cache = (fname, sd)
+        return sd
+
+    def keys(self) -> list[str]:
+        return list(self._meta)
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._meta[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._load(self._files.get(name, "pytorch_model.bin"))[name]
+
+
+class _STReader:
+    def __init__(self, path: Path) -> None:
+        self._r = SafetensorsReader(path)
+        self.get = self._r.get
+
+    def keys(self) -> list[str]:
+        return self._r.keys()
+
+    def spec(self, name: str) -> TensorSpec:
+        st = self._r.dtype(name)
+        if st not in _ST_DTYPES:
+            raise HybridctlError(f"{self._r.dir}: tensor {name!r} has unsupported dtype {st}")
+        return self._r.shape(name), _ST_DTYPES[st]
+
+
+def _open_weights(path: Path) -> _STReader | _BinReader:
+    if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
+        return _STReader(path)
+    if (path / "pytorch_model.bin").is_file() or (path / "pytorch_model.bin.index.json").is_file():
+        return _BinReader(path)
+    raise HybridctlError(f"{path}: no weights (model.safetensors[.index.json] or pytorch_model.bin[.index.json])")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _hf_kind(c: dict[str, Any], where: str) -> str:
+    mt = c.get("model_type")
+    if mt in ("nemotron_h", "mamba2"):
+        return mt
+    if mt is None and "d_model" in c and ("n_layer" in c or "ssm_cfg" in c):
+        return "mamba_ssm"
+    raise HybridctlError(f"{where}: model_type {mt!r} is not supported; hybridctl reads nemotron_h "
+                         "(NemotronHForCausalLM), mamba2 (Mamba2ForCausalLM) and mamba_ssm MambaLMHeadModel dirs")
+
+
+def _map_names(weights: Any, kind: str, where: str, notes: list[str]) -> dict[str, str]:
+    """native name → stored name, refusing tensors that belong to no known weight."""
+    maps: tuple[KeyMap, ...] = (MAMBA_SSM,) if kind == "mamba_ssm" else (HF_BACKBONE, HF_MODEL_PREFIX)
+    out: dict[str, str] = {}
+    skipped = 0
+    for key in weights.keys():
+        native = next((n for m in maps if (n := m.to_native(key)) is not None), None)
+        if native is None and kind == "nemotron_h" and key.startswith("mtp."):
+            skipped += 1  # transformers' _keys_to_ignore_on_load_unexpected
+            continue
+        if native is None:
+            raise HybridctlError(f"{where}: unexpected tensor {key!r} (not a {kind} weight hybridctl knows)")
+        if native in out:
+            raise HybridctlError(f"{where}: tensors {out[native]!r} and {key!r} both map to {native!r}")
+        out[native] = key
+    if skipped:
+        notes.append(f"skipped {skipped} mtp.* tensors")
+    return out
+
+
+def _same(weights: Any, a: str, b: str) -> bool:
+    """Bit equality of two stored tensors; the first row decides cheaply in the usual (different) case."""
+    ta, tb = weights.get(a), weights.get(b)
+    return ta.shape == tb.shape and torch.equal(ta[:1], tb[:1]) and torch.equal(ta, tb)
+
+
+def _decide_tie(kind: str, config_tied: bool, names: dict[str, str], weights: Any, notes: list[str]) -> bool:
+    """Whether the model's head *is* its embedding, judged the way the source library runs it.
+
+    NemotronH never ties, so a present lm_head is what runs: tied only when it equals the embedding. Mamba2 and
+    mamba_ssm tie whenever their config says so (a stored lm_head is then overwritten by the embedding)."""
+    has_head = "lm_head.weight" in names
+    if not config_tied:
+        if has_head and kind == "nemotron_h" and _same(weights, names["lm_head.weight"], names["embed.weight"]):
+            notes.append("lm_head.weight equals the embedding but tie_word_embeddings is false: imported untied "
+                         "(same outputs; the two train separately)")
+        return False
+    if not has_head:
+        if kind == "nemotron_h":
+            notes.append("lm_head.weight is absent and tie_word_embeddings is true: the embedding is used as the "
+                         "head (transformers' NemotronH would leave its head uninitialised)")
+        return True
+    if kind != "nemotron_h":
+        return True
+    if _same(weights, names["lm_head.weight"], names["embed.weight"]):
+        return True
+    notes.append("tie_word_embeddings is true but lm_head.weight differs from the embedding; transformers' "
+                 "NemotronH runs lm_head.weight, so the model is imported untied")
+    return False
+
+
+def _tokenizer_dir(path: Path) -> Path | None:
+    return path if any((path / n).is_file() for n in ("hybridctl_tokenizer.json", "tokenizer.json",
+                                                      "tokenizer.model")) else None
+
+
+def open_hf(path: str | Path, **_: Any) -> Source:
+    """Open a NemotronH / Mamba2ForCausalLM / mamba_ssm MambaLMHeadModel directory as a Source (native names).
+
+    Detection is by config.json content (model_type, or mamba_ssm's MambaConfig fields). Every stored tensor must
+    map to a native name and the shapes must match the config exactly; nothing is guessed.
+    """
+    path = Path(path)
+    where = str(path)
+    c = _read_json(path / "config.json")
+    if c is None:
+        raise HybridctlError(f"{where}: no config.json")
+    kind = _hf_kind(c, where)
+    weights = _open_weights(path)
+    notes: list[str] = []
+    names = _map_names(weights, kind, where, notes)
+    _require("embed.weight" in names, where, "the embedding tensor is missing")
+    if kind == "nemotron_h":
+        cfg, more = _from_nemotron(c, where)
+        config_tied = bool(c.get("tie_word_embeddings", False))
+    elif kind == "mamba2":
+        cfg, more = _from_mamba2(c, where)
+        config_tied = bool(c.get("tie_word_embeddings", False))
+    else:
+        cfg, more = _from_mamba_ssm(c, where, weights.spec(names["embed.weight"])[0][0])
+        config_tied = bool(c.get("tie_embeddings", True))
+    notes += more
+    tied = _decide_tie(kind, config_tied, names, weights, notes)
+    if tied:
+        names.pop("lm_head.weight", None)
+    cfg = cfg.replace(tie_embeddings=tied)
+    specs = {n: weights.spec(k) for n, k in names.items()}
+    check_specs(cfg, specs, where)
+    fmt = {"nemotron_h": "hf-nemotron_h", "mamba2": "hf-mamba2", "mamba_ssm": "mamba_ssm"}[kind]
+    for n in notes:
+        log.info("%s: %s", where, n)
+    info = {"hf_arch": kind, "notes": notes, "tie_word_embeddings_config": config_tied,
+            "token_ids": {k: c.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
+    return Source(fmt, path, cfg, specs, lambda n: weights.get(names[n]), tokenizer_dir=_tokenizer_dir(path),
+                  info=info)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def strip_vocab(src: Source, vocab_size: int) -> Source:
+    """The same source with the embedding (and head) cut to the first ``vocab_size`` rows — for removing Megatron's
+    vocab padding. Refuses to grow the vocab; returns ``src`` itself when nothing changes."""
+    v = src.config.vocab_size
+    if not isinstance(vocab_size, int) or vocab_size <= 0:
+        raise HybridctlError(f"--vocab-size must be a positive integer, got {vocab_size!r}")
+    if vocab_size > v:
+        raise HybridctlError(f"--vocab-size {vocab_size} is larger than the model's vocab {v}; only padding rows can "
+                             "be removed")
+    if vocab_size == v:
+        return src
+    rows = ("embed.weight", "lm_head.weight")
+    specs = {k: (((vocab_size,) + tuple(s[1:])) if k in rows else s, dt) for k, (s, dt) in src.specs.items()}
+
+    def get(name: str) -> torch.Tensor:
+        t = src.get(name)
+        return t[:vocab_size] if name in rows else t
+
+    info = dict(src.info, vocab_stripped_from=v)
+    return Source(src.format, src.path, src.config.replace(vocab_size=vocab_size), specs, get, src.tokenizer_dir, info)
+
+
+@dataclass
+class HFPlan:
+    """What write_hf writes: the architecture, config.json, tensor plan (HF name → shape, dtype) and notes."""
+
+    arch: str
+    config: dict[str, Any]
+    specs: dict[str, TensorSpec]
+    native_names: dict[str, str]  # HF name → native name
+    notes: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    out: Path | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for s, d in self.specs.values())
+
+
+def resolve_arch(cfg: ModelConfig, arch: str) -> str:
+    """'auto' → mamba2 for pure Mamba-2 models (transformers' NemotronH cache breaks with no attention layer),
+    nemotron_h otherwise; then check the architecture can represent this model exactly."""
+    if arch not in ARCHS:
+        raise HybridctlError(f"--hf-arch {arch!r} is unknown; use one of {', '.join(ARCHS)}")
+    pure = set(cfg.pattern) == {MAMBA}
+    if arch == "auto":
+        arch = "mamba2" if pure else "nemotron_h"
+    why = []
+    if arch == "mamba2" and not pure:
+        why.append(f"Mamba2ForCausalLM holds only Mamba-2 layers, the pattern is {cfg.pattern!r}")
+    if arch == "nemotron_h":
+        if ATTENTION in cfg.pattern and cfg.attention.position != "none":
+            why.append("attention uses RoPE; NemotronH attention has no position embedding (NoPE only)")
+        if MLP in cfg.pattern and cfg.mlp.activation not in HF_MLP_ACT:
+            why.append(f"the MLP is {cfg.mlp.activation}; NemotronH MLPs are not gated (relu2 or gelu only)")
+        if MAMBA in cfg.pattern and cfg.mamba.dt_clamp_max is not None:
+            why.append("mamba.dt_clamp_max is set; NemotronH clamps dt only from below (time_step_min)")
+    if why:
+        raise HybridctlError(f"cannot export to {arch}: " + "; ".join(why) + " — the exported model would behave "
+                             "differently")
+    return arch
+
+
+def _token_ids(src: Source) -> tuple[dict[str, int | None], Any]:
+    ids: dict[str, int | None] = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    if src.tokenizer_dir is None:
+        return ids, None
+    from hybridctl.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(src.tokenizer_dir)
+    ids.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    return ids, tok
+
+
+def _hybridctl_block(cfg: ModelConfig) -> dict[str, Any]:
+    """Init-only settings no HF field holds, so a round trip through HF keeps the config whole."""
+    return {"format_version": 1, "init": {k: getattr(cfg.mamba, k) for k in _INIT_FIELDS}}
+
+
+def _nemotron_config(cfg: ModelConfig) -> dict[str, Any]:
+    m, a = cfg.mamba, cfg.attention
+    layer_types = [NEMOTRON_BLOCK_TYPES[s] for s in cfg.pattern]
+    return {
+        "architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+        "layers_block_type": layer_types, "hybrid_override_pattern": cfg.pattern,
+        "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads, "head_dim": max(cfg.head_dim, 1),
+        "attention_bias": False, "intermediate_size": cfg.mlp.hidden_size, "mlp_bias": False,
+        "mlp_hidden_act": HF_MLP_ACT.get(cfg.mlp.activation, "relu2"),
+        "mamba_num_heads": cfg.mamba_nheads, "mamba_head_dim": m.headdim, "n_groups": m.ngroups,
+        "ssm_state_size": m.d_state, "conv_kernel": m.d_conv, "expand": m.expand, "chunk_size": m.chunk_size,
+        "use_conv_bias": m.conv_bias, "use_bias": m.bias, "mamba_hidden_act": "silu",
+        # time_step_min IS the clamp in NemotronH (0.0 = no clamp, Megatron's semantics); the upper bound is none.
+        "time_step_min": m.dt_clamp_min, "time_step_max": m.dt_max, "time_step_floor": m.dt_init_floor,
+        "time_step_limit": [m.dt_clamp_min, _json_float(math.inf)],
+        "layer_norm_epsilon": cfg.norm_eps, "residual_in_fp32": cfg.residual_in_fp32,
+        "rescale_prenorm_residual": True, "initializer_range": cfg.init_std,
+        "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True, "num_logits_to_keep": 1,
+    }
+
+
+def _mamba2_config(cfg: ModelConfig) -> dict[str, Any]:
+    m = cfg.mamba
+    hi = math.inf if m.dt_clamp_max is None else m.dt_clamp_max
+    return {
+        "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+        "num_heads": cfg.mamba_nheads, "head_dim": m.headdim, "n_groups": m.ngroups, "state_size": m.d_state,
+        "expand": m.expand, "conv_kernel": m.d_conv, "chunk_size": m.chunk_size, "use_bias": m.bias,
+        "use_conv_bias": m.conv_bias, "hidden_act": "silu", "layer_norm_epsilon": cfg.norm_eps,
+        "residual_in_fp32": cfg.residual_in_fp32, "time_step_rank": math.ceil(cfg.d_model / 16),
+        "time_step_min": m.dt_min, "time_step_max": m.dt_max, "time_step_floor": m.dt_init_floor,
+        "time_step_limit": [m.dt_clamp_min, _json_float(hi)], "rescale_prenorm_residual": False,
+        "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True,
+    }
+
+
+def plan_hf(src: Source, *, arch: str = "auto", dtype: torch.dtype | None = None,
+            vocab_size: int | None = None) -> tuple[HFPlan, Source]:
+    """Validate an export and describe it without writing: (plan, the source after vocab stripping)."""
+    check_specs(src.config, src.specs, str(src.path))
+    notes: list[str] = []
+    if vocab_size is not None:
+        src = strip_vocab(src, vocab_size)
+        if "vocab_stripped_from" in src.info:
+            notes.append(f"vocab: {src.info['vocab_stripped_from']} → {vocab_size} rows (padding removed)")
+    cfg = src.config
+    arch = resolve_arch(cfg, arch)
+    ids, tok = _token_ids(src)
+    if tok is not None and tok.vocab_size > cfg.vocab_size:
+        raise HybridctlError(f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size} rows; "
+                             "--vocab-size cannot cut real tokens")
+    if arch == "nemotron_h" and set(cfg.pattern) == {MAMBA}:
+        notes.append("pure Mamba-2 model written as NemotronH: transformers' NemotronH cache fails without an "
+                     "attention layer (generate() raises); --hf-arch mamba2 avoids that")
+    config = _nemotron_config(cfg) if arch == "nemotron_h" else _mamba2_config(cfg)
+    out_dtype = dtype or src.dtype
+    config.update(ids, dtype=str(out_dtype).removeprefix("torch."), hybridctl=_hybridctl_block(cfg))
+    keep = dict(src.specs)
+    if cfg.tie_embeddings and arch == "nemotron_h":
+        # transformers' NemotronH does not re-tie on load: the head must be on disk.
+        keep["lm_head.weight"] = src.specs["embed.weight"]
+        notes.append("tied embeddings: lm_head.weight written as a copy of the embedding (NemotronH never re-ties)")
+    native_names = {HF_BACKBONE.to_foreign(n): n for n in keep}
+    specs = {h: (tuple(keep[n][0]), dtype or keep[n][1]) for h, n in native_names.items()}
+    return HFPlan(arch, config, specs, native_names, notes), src
+
+
+def _byte_tokenizer_json(tok: Any, out: Path) -> None:
+    """A tokenizers-library twin of hybridctl's byte tokenizer (ids 0..255 = bytes, then BOS/EOS/PAD), so that
+    AutoTokenizer loads the export: byte-level pre-tokenisation, one token per byte, no merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    # GPT-2's byte → printable-unicode table (what the ByteLevel pre-tokenizer emits), in byte order.
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    extra = iter(range(256, 512))
+    chars = {b: chr(b if b in printable else next(extra)) for b in range(256)}
+    t = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    t.decoder = decoders.ByteLevel()
+    specials = ["<|bos|>", "<|eos|>", "<|pad|>"]
+    t.add_special_tokens(specials)
+    assert [t.token_to_id(s) for s in specials] == [tok.bos_id, tok.eos_id, tok.pad_id]
+    if tok.add_bos:
+        t.post_processor = processors.TemplateProcessing(single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B",
+                                                         special_tokens=[("<|bos|>", tok.bos_id)])
+    t.save(str(out / "tokenizer.json"))
+    write_json(out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": specials[0],
+                                               "eos_token": specials[1], "pad_token": specials[2],
+                                               "add_bos_token": tok.add_bos, "model_max_length": 1 << 30})
+
+
+def _write_tokenizer(src: Source, tok: Any, out: Path) -> None:
+    if tok is None:
+        return
+    if tok.kind == "byte":
+        _byte_tokenizer_json(tok, out)
+        tok.save(out)  # the hybridctl marker: reading this dir back gives the exact byte tokenizer
+    else:
+        copy_files(src.tokenizer_dir, out, TOKENIZER_FILES)
+
+
+def write_hf(out: str | Path, src: Source, *, arch: str = "auto", dtype: torch.dtype | None = None,
+             max_shard_size: str | int = "5GB", vocab_size: int | None = None, overwrite: bool = False,
+             progress: Callable[[int], None] | None = None) -> HFPlan:
+    """Write ``src`` as a Hugging Face directory (config.json, sharded safetensors + index, tokenizer files),
+    atomically and tensor by tensor. arch: auto | nemotron_h | mamba2. Returns the plan with ``files`` and ``out``."""
+    plan, src = plan_hf(src, arch=arch, dtype=dtype, vocab_size=vocab_size)
+    ids, tok = _token_ids(src)
+    out = Path(out)
+
+    def get(hf_name: str) -> torch.Tensor:
+        n = plan.native_names[hf_name]
+        return src.get("embed.weight" if n not in src.specs else n)
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_sharded(tmp, plan.specs, get, max_shard_size=max_shard_size, progress=progress)
+        _write_tokenizer(src, tok, tmp)
+        write_json(tmp / "config.json", plan.config)
+        files = sorted(p.name for p in tmp.iterdir())
+    plan.files, plan.out = files, out
+    return plan
