@@ -1,0 +1,127 @@
+"""From a Megatron *global* tensor view (keys at TP = 1, global layer indices) to a native ``Source``.
+
+Both readers (legacy per-rank files, torch_dist) reduce their format to ``mspecs`` {Megatron key: (global shape,
+dtype)} and ``mget(key, split) -> global tensor``; this module infers the config, matches every key to the name
+table strictly (a missing or unexpected tensor is one clear error) and exposes the weights under native names.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from hybridctl.checkpoint import Source, TensorSpec, check_specs
+from hybridctl.checkpoint.megatron_args import HYBRIDCTL_VOCAB_ARG, config_from_args, unpadded_vocab
+from hybridctl.checkpoint.megatron_keys import EXTRA_STATE, Entry, Split, all_entries, layer_kind_of_keys
+from hybridctl.config import HybridctlError
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_REPLICATED = ("layer_norm_weight", "final_norm.weight", "input_layernorm.weight", "pre_mlp_layernorm.weight")
+_DIM1 = ("out_proj.weight", "linear_proj.weight", "linear_fc2.weight")
+TOKENIZER_FILES = ("hybridctl_tokenizer.json", "tokenizer.json", "tokenizer.model")
+
+
+def tp_dim_of_key(key: str) -> int | None:
+    """Megatron's TP split dim from the key alone (None: replicated), for shape bookkeeping before the config is
+    known; the component-aware split of fused tensors comes later from the name table."""
+    m = _LAYER.match(key)
+    suffix = m.group(2) if m else key
+    if suffix.endswith(_REPLICATED) or suffix == "norm.weight":
+        return None
+    return 1 if suffix.endswith(_DIM1) else 0
+
+
+def is_weight_key(key: str) -> bool:
+    """Model tensors (not optimizer, RNG or Transformer Engine extra state)."""
+    return key.startswith(("embedding.", "decoder.", "output_layer.")) and EXTRA_STATE not in key
+
+
+def layer_pattern(keys: list[str], where: str) -> str:
+    """The layer kinds, in order, from the keys present (the checkpoint's ground truth)."""
+    by_layer: dict[int, list[str]] = {}
+    for k in keys:
+        m = _LAYER.match(k)
+        if m:
+            by_layer.setdefault(int(m.group(1)), []).append(m.group(2))
+    if not by_layer:
+        raise HybridctlError(f"{where}: no decoder layers found (is this a hybrid Mamba model checkpoint?)")
+    n = max(by_layer) + 1
+    missing = [i for i in range(n) if i not in by_layer]
+    if missing:
+        raise HybridctlError(f"{where}: layer {missing[0]} is missing (layers 0..{n - 1} expected)")
+    kinds = []
+    for i in range(n):
+        kind = layer_kind_of_keys(by_layer[i])
+        if kind is None:
+            raise HybridctlError(f"{where}: cannot tell the kind of layer {i} from its tensors {by_layer[i]}")
+        kinds.append(kind)
+    return "".join(kinds)
+
+
+def build_source(fmt: str, path: Path, args: Any, mspecs: dict[str, TensorSpec],
+                 mget: Callable[[str, Split | None], torch.Tensor], *, where: str, info: dict[str, Any],
+                 search_dirs: list[Path] = ()) -> Source:
+    """search_dirs: where tokenizer files may lie (the checkpoint root, then the iteration directory)."""
+    keys = list(mspecs)
+    emb = "embedding.word_embeddings.weight"
+    if emb not in mspecs:
+        raise HybridctlError(f"{where}: missing tensor {emb!r}")
+    if "embedding.position_embeddings.weight" in mspecs:
+        raise HybridctlError(f"{where}: learned absolute position embeddings are not supported (hybridctl models "
+                             "use no position embedding or RoPE)")
+    padded = mspecs[emb][0][0]
+    native_vocab = getattr(args, HYBRIDCTL_VOCAB_ARG, None) or padded
+    conv = [s for k, s in mspecs.items() if k.endswith(("conv1d.weight", "conv1d_weight"))]
+    cfg = config_from_args(args, pattern=layer_pattern(keys, where), vocab=int(native_vocab),
+                           d_conv=conv[0][0][-1] if conv else None, where=where)
+    entries = all_entries(cfg, padded)
+    used: dict[str, tuple[Entry, str]] = {}
+    for e in entries:
+        found = [k for k in (e.key, *e.aliases) if k in mspecs]
+        if not found:
+            raise HybridctlError(f"{where}: missing tensor {e.key!r}")
+        key = found[0]
+        if tuple(mspecs[key][0]) != tuple(e.shape):
+            raise HybridctlError(f"{where}: {key} has shape {tuple(mspecs[key][0])}, the args imply {e.shape}")
+        used[key] = (e, key)
+    ignored = {"output_layer.weight"} if cfg.tie_embeddings else set()  # a tied model's last-stage copy
+    unexpected = [k for k in keys if k not in used and k not in ignored]
+    if unexpected:
+        raise HybridctlError(f"{where}: unexpected tensor {unexpected[0]!r} (not part of a model hybridctl can "
+                             f"represent){f' and {len(unexpected) - 1} more' if len(unexpected) > 1 else ''}")
+    natives: dict[str, tuple[Entry, str, int]] = {}
+    specs: dict[str, TensorSpec] = {}
+    for e, key in used.values():
+        metas = e.to_native(torch.empty(e.shape, device="meta"))
+        for j, (name, meta) in enumerate(zip(e.natives, metas)):
+            natives[name] = (e, key, j)
+            specs[name] = (tuple(meta.shape), mspecs[key][1])
+    check_specs(cfg, specs, where)
+    cache: dict[str, list[torch.Tensor]] = {}
+
+    def get(name: str) -> torch.Tensor:
+        if name not in natives:
+            raise HybridctlError(f"{where}: no tensor {name!r}")
+        e, key, j = natives[name]
+        if key not in cache:  # keep one packed entry (q/k/v share linear_qkv): the next get likely needs it
+            cache.clear()
+            cache[key] = e.to_native(mget(key, e.split))
+        return cache[key][j]
+
+    info = dict(info)
+    info["vocab_size_padded"] = padded
+    unp = unpadded_vocab(args, padded)
+    if unp is not None:
+        info["vocab_size_unpadded"] = unp
+    layer_norms = [m.group(2) for m in map(_LAYER.match, keys) if m]
+    info["key_style"] = "2024" if "norm.weight" in layer_norms else "current"  # the 2024 Mamba pre-norm name
+    notes = list(info.get("notes", []))
+    if unp is not None and unp < cfg.vocab_size:
+        notes.append(f"vocab: {cfg.vocab_size} rows kept (Megatron padding); the args give {unp} real tokens "
+                     f"(--vocab-size {unp} strips the padding)")
+    info["notes"] = notes
+    tok = next((d for d in search_dirs if any((d / f).is_file() for f in TOKENIZER_FILES)), None)
+    return Source(fmt, path, cfg, specs, get, tokenizer_dir=tok, info=info)
