@@ -159,6 +159,8 @@ def train(
                        ] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this optimizer step (checkpointed; the LR "
                                                      "schedule still spans optim.steps).")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start from this checkpoint (native, Hugging Face, "
+                                                      "Megatron) instead of the recipe's model section.")] = None,
     device: DeviceOpt = None,
     backend: BackendOpt = None,
     json_: JsonOpt = False,
@@ -170,7 +172,7 @@ def train(
     from hybridctl.recipe import load_recipe
     from hybridctl.train import main_entry
 
-    res = main_entry(recipe=load_recipe(recipe, set_), run_dir=run_dir, resume=resume, device=device,
+    res = main_entry(recipe=load_recipe(recipe, set_, init_from=init_from), run_dir=run_dir, resume=resume, device=device,
                      backend=backend, max_steps=max_steps)
     if int(os.environ.get("RANK", "0")) != 0:
         return None
@@ -210,7 +212,7 @@ def convert(
     tp: Annotated[int, typer.Option(help="Tensor-parallel size (megatron-legacy).")] = 1,
     pp: Annotated[int, typer.Option(help="Pipeline-parallel size (megatron-legacy).")] = 1,
     megatron_keys: Annotated[str, typer.Option(help="Megatron key style for megatron-legacy: current | "
-                                               "legacy.")] = "current",
+                                               "2024.")] = "current",
     iteration: Annotated[Optional[str], typer.Option(help="Megatron source iteration (default: latest).")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="Megatron source: allow pickled objects beyond the "
                                                "allowlist.")] = False,
@@ -248,11 +250,11 @@ def quantize(ctx: typer.Context) -> None:
 
 
 @app.command(epilog="Prompts: --prompt TEXT (repeatable: one batch), --prompt - (stdin), --prompt-file PATH (each file"
-             " is one prompt). --json prints one object for a single prompt, and {\"results\": [per-prompt objects],"
-             " ...batch timings} for several.\n\nExamples:\n\n"
+             " is one prompt). --json prints one object for a single prompt; for several, one object whose \"results\""
+             " lists the per-prompt objects next to the batch timings.\n\nExamples:\n\n"
              "  hybridctl generate runs/tiny --prompt 'Once upon a time' --max-new-tokens 64\n\n"
              "  echo 'Hello' | hybridctl generate runs/tiny --prompt - --temperature 0.8 --top-p 0.9 --seed 1\n\n"
-             "  hybridctl generate ckpt/ -p 'a' -p 'bb' --stop '\\n' --json")
+             "  hybridctl generate ckpt/ -p 'Q: 2+2?' -p 'Q: capital of France?' --stop 'Q:' --json")
 @_errors
 def generate(
     ckpt: CkptArg,

@@ -138,6 +138,8 @@ def convert(*, src: str | Path, to: str, out: str | Path | None, dtype: str | No
         n_tensors = len(final.specs)
         nbytes = sum(s.numel() * s.element_size() for s in _meta(final, tdtype))
         writer = _megatron_writer(to) if to != "native" else None
+        if writer is not None and tdtype is not None:  # the Megatron writers store what get() returns
+            final = _cast(final, tdtype)
         if not dry_run:
             with _progress(n_tensors, progress, f"convert → {to}") as bar:
                 if to == "native":
@@ -156,6 +158,15 @@ def convert(*, src: str | Path, to: str, out: str | Path | None, dtype: str | No
                          arch=arch, pattern=cfg.pattern, n_tensors=n_tensors, nbytes=nbytes,
                          dtype=dtype_name(tdtype or final.dtype), vocab_size=cfg.vocab_size,
                          tied=cfg.tie_embeddings, files=files, notes=notes, seconds=time.perf_counter() - t0)
+
+
+def _cast(src: Any, dtype: Any) -> Any:
+    """A view of ``src`` whose tensors come out in ``dtype``."""
+    import dataclasses
+
+    get = src.get
+    return dataclasses.replace(src, specs={k: (s, dtype) for k, (s, _) in src.specs.items()},
+                               get=lambda name: get(name).to(dtype))
 
 
 def _meta(src: Any, dtype: Any) -> list[Any]:

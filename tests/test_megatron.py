@@ -579,3 +579,16 @@ def test_tokenizer_travels_with_megatron_export(tmp_path, fmt):
     back = open_megatron(writer(tmp_path / "meg", src))
     tok = load_tokenizer_for(back)
     assert tok.decode(tok.encode("hybrid", add_bos=False)) == "hybrid"
+
+
+def test_root_without_tracker_is_detected_and_dtype_applies(tmp_path, native_300):
+    from hybridctl.checkpoint import detect_format
+    from hybridctl.convert import convert
+
+    res = convert(src=native_300.path, to="megatron", out=tmp_path / "m", dtype="bfloat16", progress=False)
+    back = open_megatron(res.out)
+    assert all(back.get(k).dtype == torch.bfloat16 for k in back.specs)
+    assert torch.equal(back.get("norm_f.weight"), native_300.get("norm_f.weight").to(torch.bfloat16))
+    (tmp_path / "m" / "latest_checkpointed_iteration.txt").unlink()
+    assert detect_format(tmp_path / "m") == "megatron"  # a root with release/ (or iter_NNNNNNN/) dirs
+    assert open_megatron(tmp_path / "m", iteration="release").config == native_300.config

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,8 @@ def detect_format(path: str | Path) -> str:
         return "megatron"
     if (p / "latest_checkpointed_iteration.txt").is_file():
         return "megatron"
-    if any(c.is_dir() and c.name.startswith("mp_rank_") for c in p.iterdir()):
+    if any(c.is_dir() and (c.name.startswith("mp_rank_") or c.name == "release" or re.fullmatch(r"iter_\d{7}", c.name))
+           for c in p.iterdir()):
         return "megatron"
     raise HybridctlError(f"{p}: unknown checkpoint format (no hybridctl/Hugging Face config.json, no Megatron "
                          "tracker, metadata.json or mp_rank_* files)")
