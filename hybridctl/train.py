@@ -1,0 +1,557 @@
+"""`hybridctl train RECIPE`: the training loop, resumable sharded checkpoints, one device or many (torchrun + FSDP2).
+
+Run directory (``checkpoint.dir`` or ``--run-dir``)::
+
+    recipe.toml                 the resolved recipe (every key, the complete model config)
+    metrics.jsonl               one JSON object per logged step / evaluation
+    checkpoints/step_00000100/  torch.distributed.checkpoint (model + AdamW tensors, sharded per rank),
+                                trainer_state.json (step, tokens, data position), rng_rank{r}.json, complete.json
+    checkpoints/latest          name of the newest complete checkpoint
+    final/                      native safetensors export with the tokenizer (what `generate` loads)
+
+A checkpoint is written into ``checkpoints/.step_N.tmp`` and renamed into place only once every rank has finished
+and ``complete.json`` is written; ``--resume auto`` takes the newest complete one and ignores anything else.
+DCP holds tensors only (no optimizer ``param_groups``, which the recipe re-creates), so loading one unpickles
+nothing but DCP's own ``.metadata``. Several nodes need the run directory on a shared filesystem (rank 0 publishes).
+The LR schedule is a pure function of the step, so the step is the scheduler's whole state.
+
+Losses: the token-mean cross-entropy over the global batch (labels -100 excluded) — each micro-batch's summed loss is
+divided by the global count of target tokens, so gradient accumulation and data parallelism give the same gradient
+as one big batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hybridctl import parallel
+from hybridctl.config import HybridctlError, ModelConfig
+from hybridctl.recipe import Recipe, dump_toml
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+CKPT_DIR, LATEST, COMPLETE = "checkpoints", "latest", "complete.json"
+# Dense bf16 datasheet peaks (TFLOP/s) for MFU; override with logging.peak_tflops.
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "GH200": 989.4, "B200": 2250.0, "A100": 312.0,
+               "L40S": 362.0, "A10": 125.0}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int  # optimizer steps completed (the run's total, including resumed ones)
+    tokens: int
+    final_loss: float | None
+    eval_loss: float | None
+    eval_accuracy: float | None  # task exact-match (phonebook / copy) when the data is a task
+    wall_s: float
+    checkpoint: Path | None  # newest complete resumable checkpoint
+    export: Path | None  # native export
+    resumed_from: Path | None
+    losses: list[float] = field(default_factory=list)  # per step of this invocation
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("steps", "tokens", "final_loss", "eval_loss", "eval_accuracy", "wall_s",
+                                             "tokens_per_s", "mfu")}
+        d.update(run_dir=str(self.run_dir), checkpoint=str(self.checkpoint) if self.checkpoint else None,
+                 export=str(self.export) if self.export else None,
+                 resumed_from=str(self.resumed_from) if self.resumed_from else None)
+        d["eval_ppl"] = math.exp(min(self.eval_loss, 80.0)) if self.eval_loss is not None else None
+        return d
+
+
+# ---- schedule and loss ----------------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, recipe: Recipe) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine / WSD / constant to min_lr."""
+    o, total = recipe.optim, recipe.total_steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    if o.schedule == "cosine":
+        t = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+        return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + math.cos(math.pi * min(t, 1.0)))
+    decay = max(1, round(o.decay_fraction * total))  # WSD: stable at lr, then linear decay over the last steps
+    start = total - decay
+    if step < start:
+        return o.lr
+    return o.lr + (o.min_lr - o.lr) * min(1.0, (step - start + 1) / decay)
+
+
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over labelled positions (labels == -100 skipped), in fp32. logits [B,T,V], labels [B,T]."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+# ---- model, optimizer, data -------------------------------------------------------------------------------------------
+
+
+def resolve_model(recipe: Recipe) -> tuple[ModelConfig, Any]:
+    """(config, Source or None): from model.init_from (any readable checkpoint) or the recipe's own config."""
+    if recipe.model.init_from is None:
+        return recipe.model_config(), None
+    from hybridctl.checkpoint import check_specs, open_checkpoint
+
+    src = open_checkpoint(recipe.model.init_from)
+    check_specs(src.config, src.specs, str(src.path))
+    return src.config, src
+
+
+def _initial_state(cfg: ModelConfig, src: Any, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A full fp32 state dict: the init_from checkpoint's weights, or a fresh initialisation from ``seed``."""
+    if src is not None:
+        return {name: src.get(name).to(device=device, dtype=torch.float32) for name in src.specs}
+    from hybridctl.model import build_model, materialize
+
+    return materialize(build_model(cfg), device, seed=seed).state_dict()
+
+
+def build_training_model(cfg: ModelConfig, recipe: Recipe, src: Any, info: parallel.DistInfo):
+    """Meta model → activation checkpointing → compile → FSDP2 (several ranks) → materialise → initialise/load.
+
+    Returns (model, names of parameters without weight decay). The parameters are fp32 master weights."""
+    from hybridctl.model import build_model, no_weight_decay
+
+    model = build_model(cfg, device="meta", dtype=torch.float32)
+    no_decay = {n for n, p in model.named_parameters() if no_weight_decay(n, p)}
+    if recipe.parallel.activation_checkpointing:
+        parallel.apply_activation_checkpointing(model)
+    if recipe.parallel.compile:
+        parallel.apply_compile(model)
+    if info.distributed:
+        bf16 = _use_bf16(recipe, info.device)
+        parallel.apply_fsdp(model, param_dtype=torch.bfloat16 if bf16 else None,
+                            reshard_after_forward=recipe.parallel.reshard_after_forward)
+        model.to_empty(device=info.device)
+        # rank 0 builds the full initial state on CPU (the same numbers a one-process CPU run starts from) and
+        # broadcasts it shard by shard
+        full = _initial_state(cfg, src, recipe.seed, torch.device("cpu")) if info.is_main else None
+        parallel.load_full_model_state(model, full)
+    else:
+        model.to_empty(device=info.device)
+        if src is None:
+            model.init_weights(recipe.seed)
+        else:
+            model.load_state_dict(_initial_state(cfg, src, recipe.seed, info.device), strict=True)
+    return model.train(), no_decay
+
+
+def build_optimizer(model: torch.nn.Module, no_decay: set[str], recipe: Recipe, device: torch.device):
+    """AdamW (fused on CUDA); no weight decay on A_log, D, dt_bias, norms and biases."""
+    o = recipe.optim
+    decay = [p for n, p in model.named_parameters() if n not in no_decay]
+    rest = [p for n, p in model.named_parameters() if n in no_decay]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                             fused=True if device.type == "cuda" else None)
+
+
+def build_tokenizer_for(recipe: Recipe, src: Any, cfg: ModelConfig):
+    from hybridctl.tokenizer import build_tokenizer, load_tokenizer
+
+    if recipe.tokenizer.name:
+        tok = build_tokenizer(recipe.tokenizer.name)
+    elif src is not None and src.tokenizer_dir is not None:
+        tok = load_tokenizer(src.tokenizer_dir)
+    else:
+        tok = build_tokenizer("byte")
+    if tok.vocab_size > cfg.vocab_size:
+        raise HybridctlError(f"tokenizer has {tok.vocab_size} ids but the model's vocab_size is {cfg.vocab_size}; "
+                             "raise it (--set model.config.vocab_size=N)")
+    return tok
+
+
+def build_data(recipe: Recipe, tokenizer: Any, info: parallel.DistInfo, split: str):
+    from hybridctl.data import build_loader
+
+    d = recipe.data
+    return build_loader(source=d.source, tokenizer=tokenizer, seq_len=d.seq_len, batch_size=recipe.optim.micro_batch,
+                        seed=recipe.seed, split=split, rank=info.rank, world_size=info.world_size,
+                        task_options=d.task_options or None, text_field=d.text_field, eval_every=d.eval_every,
+                        shuffle_buffer=d.shuffle_buffer)
+
+
+def _use_bf16(recipe: Recipe, device: torch.device) -> bool:
+    p = recipe.precision.dtype
+    return p == "bfloat16" or (p == "auto" and device.type == "cuda")
+
+
+def _autocast(recipe: Recipe, device: torch.device):
+    if _use_bf16(recipe, device):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---- one step, evaluation -----------------------------------------------------------------------------------------------
+
+
+def train_step(model, optimizer, batches: list[dict[str, torch.Tensor]], recipe: Recipe,
+               info: parallel.DistInfo) -> tuple[float, float]:
+    """Forward/backward over this rank's micro-batches, clip, AdamW step. Returns (global mean loss, grad norm).
+
+    batches: dicts of input_ids / labels int64 [B,T] and seq_idx int32 [B,T] (optional: None = one document per row).
+    """
+    dev = info.device
+    n_tok = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches).to(dev, torch.float64)
+    n_tok = parallel.all_reduce_sum(n_tok).clamp(min=1)
+    loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+    for b in batches:
+        x, y = b["input_ids"].to(dev, non_blocking=True), b["labels"].to(dev, non_blocking=True)
+        s = b["seq_idx"].to(dev, non_blocking=True) if b.get("seq_idx") is not None else None
+        with _autocast(recipe, dev):
+            logits = model(x, seq_idx=s)
+        ce = lm_loss_sum(logits, y)
+        # FSDP averages gradients over ranks: scale by world size so the result is the global token mean
+        (ce * (info.world_size / n_tok.float())).backward()
+        loss_sum += ce.detach().double()
+    clip = recipe.optim.grad_clip if recipe.optim.grad_clip > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(parallel.all_reduce_sum(loss_sum) / n_tok), float(norm)
+
+
+@torch.no_grad()
+def evaluate(model, loader, recipe: Recipe, info: parallel.DistInfo) -> dict[str, float]:
+    """Held-out loss (token mean) over ``eval.batches`` micro-batches per rank; task exact-match for tasks."""
+    from hybridctl.data import task_accuracy
+
+    model.eval()
+    dev = info.device
+    sums = torch.zeros(4, device=dev, dtype=torch.float64)  # loss, tokens, exact matches, examples
+    for _ in range(recipe.eval.batches):
+        b = next(loader, None)
+        if b is None:
+            break
+        x, y, s = (b[k].to(dev) for k in ("input_ids", "labels", "seq_idx"))
+        with _autocast(recipe, dev):
+            logits = model(x, seq_idx=s)
+        sums[0] += lm_loss_sum(logits, y).double()
+        sums[1] += (y != IGNORE_INDEX).sum()
+        if recipe.data.task:
+            acc = task_accuracy(logits, {"labels": y, "seq_idx": s})
+            sums[2] += acc.exact_match * acc.examples
+            sums[3] += acc.examples
+    model.train()
+    parallel.all_reduce_sum(sums)
+    out = {}
+    if sums[1] > 0:
+        out["eval_loss"] = float(sums[0] / sums[1])
+        out["eval_ppl"] = math.exp(min(out["eval_loss"], 80.0))
+    if sums[3] > 0:
+        out["eval_accuracy"] = float(sums[2] / sums[3])
+    return out
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------------------
+
+
+def _is_complete(d: Path) -> bool:
+    return d.is_dir() and (d / COMPLETE).is_file() and (d / ".metadata").is_file()
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """The newest complete checkpoint under a run directory / checkpoints directory, or ``path`` itself if it is one.
+    Incomplete ones (a crash mid-write: no complete.json) are ignored."""
+    p = Path(path)
+    if _is_complete(p):
+        return p
+    root = p / CKPT_DIR if (p / CKPT_DIR).is_dir() else p
+    if not root.is_dir():
+        return None
+    pointer = root / LATEST
+    if pointer.is_file():
+        d = root / pointer.read_text().strip()
+        if _is_complete(d):
+            return d
+    found = sorted(d for d in root.glob("step_*") if _is_complete(d))
+    return found[-1] if found else None
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it assumes one process when there is no process group: that is intended here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _tensor_state(model, optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(DCP tensors-only state, the optimizer state dict it came from) via DCP's helpers (FSDP2 and one process)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    return {"model": msd, "optim": osd["state"]}, osd
+
+
+def _rng_state() -> dict[str, str]:
+    enc = lambda t: base64.b64encode(t.cpu().numpy().tobytes()).decode()  # noqa: E731
+    out = {"cpu": enc(torch.get_rng_state())}
+    if torch.cuda.is_available():
+        out["cuda"] = enc(torch.cuda.get_rng_state())
+    return out
+
+
+def _set_rng_state(state: dict[str, str]) -> None:
+    dec = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)  # noqa: E731
+    torch.set_rng_state(dec(state["cpu"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(dec(state["cuda"]))
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: dict[str, Any], keep_last: int,
+                    info: parallel.DistInfo) -> Path:
+    """Write a resumable checkpoint atomically (temporary directory → rename → ``latest``); keep the newest k."""
+    import torch.distributed.checkpoint as dcp
+
+    root = run_dir / CKPT_DIR
+    final, tmp = root / f"step_{step:08d}", root / f".step_{step:08d}.tmp"
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
+        tmp.mkdir(parents=True)
+    parallel.barrier()
+    state, _ = _tensor_state(model, optimizer)
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=str(tmp))
+    (tmp / f"rng_rank{info.rank}.json").write_text(json.dumps(_rng_state()))
+    parallel.barrier()
+    if info.is_main:
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": info.world_size}))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.replace(final)
+        from hybridctl.checkpoint.io import atomic_write_text
+
+        atomic_write_text(root / LATEST, final.name + "\n")
+        for old in sorted(d for d in root.glob("step_*") if _is_complete(d))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    parallel.barrier()
+    return final
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, info: parallel.DistInfo) -> dict[str, Any]:
+    """Restore model + optimizer tensors (resharded to this run's ranks by DCP) and this rank's RNG; return the
+    trainer state (step, tokens, data position)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state, osd = _tensor_state(model, optimizer)
+    try:
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(ckpt))
+    except Exception as e:  # noqa: BLE001 - DCP raises many types for a mismatching plan
+        raise HybridctlError(f"{ckpt}: cannot restore this checkpoint into the recipe's model/optimizer "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    osd["state"] = state["optim"]
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=osd)
+    rng = ckpt / f"rng_rank{info.rank}.json"
+    if rng.is_file():  # absent when resuming on more ranks than wrote the checkpoint
+        _set_rng_state(json.loads(rng.read_text()))
+    return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """--resume auto (newest complete checkpoint of the run, none is fine) | never | PATH (must hold one)."""
+    mode = (resume or "auto").strip()
+    if mode == "never":
+        return None
+    if mode == "auto":
+        return find_checkpoint(run_dir)
+    found = find_checkpoint(mode)
+    if found is None:
+        raise HybridctlError(f"--resume {mode}: no complete checkpoint there")
+    return found
+
+
+# ---- the entry function -----------------------------------------------------------------------------------------------
+
+
+def _peak_flops(recipe: Recipe, device: torch.device) -> float | None:
+    if recipe.logging.peak_tflops:
+        return recipe.logging.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+class _Metrics:
+    """metrics.jsonl on rank 0 (append: a resumed run continues the file)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.f = open(path, "a") if enabled else None
+
+    def write(self, **row: Any) -> None:
+        if self.f is not None:
+            self.f.write(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+
+
+def _prepare_run_dir(run_dir: Path, recipe: Recipe, info: parallel.DistInfo) -> None:
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        from hybridctl.checkpoint.io import atomic_write_text
+
+        atomic_write_text(run_dir / "recipe.toml", f"# resolved recipe of run {recipe.name!r}\n"
+                          + dump_toml(recipe.to_dict()))
+    parallel.barrier()
+
+
+def train(*, recipe: Recipe, run_dir: str | Path | None = None, resume: str | None = "auto", device: str | None = None,
+          backend: str | None = None, max_steps: int | None = None, progress: bool | None = None) -> TrainResult:
+    """Train as the recipe says; resumable. Under torchrun every rank calls this (FSDP2 over all of them).
+
+    max_steps: stop this invocation after that optimizer step (the LR schedule still spans the recipe's steps);
+    a checkpoint is written at the stop so ``--resume auto`` continues exactly.
+    """
+    from hybridctl import kernels
+
+    t0 = time.perf_counter()
+    info = parallel.init_distributed(device)
+    kernels.set_backend(backend)
+    run_dir = Path(run_dir or recipe.checkpoint.dir)
+    _prepare_run_dir(run_dir, recipe, info)
+    cfg, src = resolve_model(recipe)
+    tok = build_tokenizer_for(recipe, src, cfg)
+    torch.manual_seed(recipe.seed)
+    model, no_decay = build_training_model(cfg, recipe, src, info)
+    optimizer = build_optimizer(model, no_decay, recipe, info.device)
+    loader = build_data(recipe, tok, info, "train")
+    ckpt = resolve_resume(resume, run_dir)
+    step, tokens = 0, 0
+    if ckpt is not None:
+        st = load_checkpoint(ckpt, model, optimizer, info)
+        step, tokens = int(st["step"]), int(st["tokens"])
+        loader.load_state_dict(st["data"])
+        log.info("resumed from %s at step %d", ckpt, step)
+    res = TrainResult(run_dir, step, tokens, None, None, None, 0.0, ckpt, None, ckpt)
+    _loop(model, optimizer, loader, tok, recipe, info, run_dir, res, max_steps, progress)
+    if recipe.checkpoint.export:
+        res.export = export_final(model, cfg, tok, recipe, run_dir, info, res.steps)
+    res.wall_s = time.perf_counter() - t0
+    return res
+
+
+def _loop(model, optimizer, loader, tok, recipe: Recipe, info: parallel.DistInfo, run_dir: Path, res: TrainResult,
+          max_steps: int | None, progress: bool | None) -> None:
+    """Steps from res.steps to the end (or max_steps): log, evaluate, checkpoint; updates ``res`` in place."""
+    from tqdm import tqdm
+
+    from hybridctl.model import flops_per_token
+
+    total = recipe.total_steps if max_steps is None else min(recipe.total_steps, max_steps)
+    accum, o, seq = recipe.grad_accum(info.world_size), recipe.optim, recipe.data.seq_len
+    step_tokens = o.global_batch * seq
+    flops = flops_per_token(model.cfg, seq)["training"]
+    peak = _peak_flops(recipe, info.device)
+    show = info.is_main and (recipe.logging.progress if progress is None else progress)
+    bar = tqdm(total=total, initial=min(res.steps, total), disable=not show, file=sys.stderr, desc="train",
+               unit="step", dynamic_ncols=True)
+    metrics = _Metrics(run_dir / "metrics.jsonl", info.is_main)
+    window_t, window_tok, step_time, first = time.perf_counter(), 0, 0.0, res.steps
+    try:
+        while res.steps < total:
+            lr = lr_at(res.steps, recipe)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            batches = [next(loader) for _ in range(accum)]
+            t_step = time.perf_counter()
+            loss, gnorm = train_step(model, optimizer, batches, recipe, info)  # returns floats: synchronised
+            step_time += time.perf_counter() - t_step
+            res.steps, res.tokens = res.steps + 1, res.tokens + step_tokens
+            res.losses.append(loss)
+            res.final_loss = loss
+            window_tok += step_tokens
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+            if res.steps % recipe.logging.interval == 0 or res.steps == total:
+                if info.device.type == "cuda":
+                    torch.cuda.synchronize(info.device)
+                dt = time.perf_counter() - window_t
+                tps = window_tok / dt
+                mfu = flops * tps / (peak * info.world_size) if peak else None
+                mem = torch.cuda.max_memory_allocated(info.device) / 2**30 if info.device.type == "cuda" else None
+                metrics.write(step=res.steps, loss=loss, lr=lr, grad_norm=gnorm, tokens=res.tokens, tokens_per_s=tps,
+                              mfu=mfu, max_memory_gib=mem, time=time.time())
+                window_t, window_tok = time.perf_counter(), 0
+            if _periodic(model, optimizer, loader, tok, recipe, info, run_dir, res, total, metrics):
+                window_t = time.perf_counter()  # evaluation / checkpoint time is not training throughput
+    finally:
+        bar.close()
+        metrics.close()
+    if step_time > 0:  # the whole invocation's training throughput (evaluation and checkpoints excluded)
+        res.tokens_per_s = (res.steps - first) * step_tokens / step_time
+        res.mfu = flops * res.tokens_per_s / (peak * info.world_size) if peak else None
+    res.checkpoint = find_checkpoint(run_dir)
+
+
+def _periodic(model, optimizer, loader, tok, recipe: Recipe, info: parallel.DistInfo, run_dir: Path,
+              res: TrainResult, total: int, metrics: _Metrics) -> bool:
+    """Evaluate and checkpoint when due (every interval and at the last step); True when anything ran."""
+    last = res.steps == total
+    ran = False
+    if recipe.eval.batches and (last or (recipe.eval.interval and res.steps % recipe.eval.interval == 0)):
+        ev = evaluate(model, build_data(recipe, tok, info, "eval"), recipe, info)
+        res.eval_loss, res.eval_accuracy = ev.get("eval_loss"), ev.get("eval_accuracy")
+        metrics.write(step=res.steps, **ev)
+        ran = True
+    if last or (recipe.checkpoint.interval and res.steps % recipe.checkpoint.interval == 0):
+        state = {"step": res.steps, "tokens": res.tokens, "data": loader.state_dict(), "recipe": recipe.name,
+                 "world_size": info.world_size}
+        res.checkpoint = save_checkpoint(run_dir, res.steps, model, optimizer, state, recipe.checkpoint.keep_last,
+                                         info)
+        ran = True
+    return ran
+
+
+def export_final(model, cfg: ModelConfig, tok: Any, recipe: Recipe, run_dir: Path, info: parallel.DistInfo,
+                 steps: int) -> Path:
+    """Native safetensors checkpoint with the tokenizer at ``run_dir/final`` (gathered to rank 0 under FSDP)."""
+    from hybridctl.checkpoint.native import torch_dtype, write_native
+
+    full = parallel.full_model_state(model)
+    out = run_dir / "final"
+    if info.is_main:
+        specs = {k: (tuple(v.shape), v.dtype) for k, v in full.items()}
+        write_native(out, config=cfg, specs=specs, get=full.__getitem__,
+                     dtype=torch_dtype(recipe.checkpoint.export_dtype), tokenizer=tok, overwrite=True,
+                     extra={"trained_steps": steps, "recipe": recipe.name})
+    parallel.barrier()
+    return out
+
+
+def main_entry(**kwargs: Any) -> TrainResult:
+    """``train`` that always leaves the process group (for the CLI under torchrun)."""
+    try:
+        return train(**kwargs)
+    finally:
+        parallel.destroy_distributed()
+
+
+__all__ = ["train", "TrainResult", "lr_at", "lm_loss_sum", "find_checkpoint", "save_checkpoint", "load_checkpoint"]
