@@ -277,7 +277,10 @@ def _from_dict(cls: type, d: dict[str, Any], owner: str) -> Any:
 
 def parse_value(text: str) -> Any:
     """Parse an override value: TOML scalar syntax where it parses (numbers, true/false, quoted strings), else str."""
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
 
     try:
         return tomllib.loads(f"v = {text}")["v"]

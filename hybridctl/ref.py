@@ -96,7 +96,8 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
 
     # 2. each chunk's own contribution to the state at its end (only tokens of the chunk's last document).
     last_doc = sidx[..., -1:]  # [B,C,1]
-    decay_to_end = torch.exp(A_cum[..., -1:] - A_cum).permute(0, 2, 3, 1)  # [B,C,Q,H]
+    # exp(sum of A·dt after s up to the chunk end) = the last row of L: exactly 0 weight for masked pairs' gradients
+    decay_to_end = L[..., -1, :].permute(0, 2, 3, 1)  # [B,C,Q,H]
     w = decay_to_end * (sidx == last_doc)[..., None]
     Bh = Bs.repeat_interleave(rep, dim=3)  # [B,C,Q,H,N]
     chunk_states = torch.einsum("bclhn,bclh,bclhp->bchpn", Bh, w, xdt)
@@ -150,28 +151,50 @@ def ssm_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, initial_state: Tensor | None = None,
                   seq_idx: Tensor | None = None, activation: str | None = "silu") -> Tensor:
     """Causal depthwise conv along time. x [B,T,Ch], weight [Ch,K], bias [Ch], initial_state [B,Ch,K] (the last K
-    inputs before x; only the last K-1 are used), seq_idx [B,T]: taps never reach into another document."""
+    inputs before x; only the last K-1 are used), seq_idx [B,T]: taps never reach into another document.
+
+    One dense F.conv1d, then the few positions whose window crosses a document start (the first K-1 tokens of each
+    document) are recomputed exactly from their own document's taps and written over the dense result, so neither
+    values nor gradients ever mix documents. CUDA runs in the input dtype (as mamba_ssm's torch fallback does).
+    """
     bsz, seqlen, ch = x.shape
     k = weight.shape[-1]
-    cd = _compute_dtype(x.dtype)
-    xc = x.to(cd)
-    prev = (initial_state[:, :, 1:].transpose(1, 2).to(cd) if initial_state is not None
-            else xc.new_zeros(bsz, k - 1, ch))
-    xp = torch.cat([prev, xc], dim=1)  # [B,K-1+T,Ch]
-    w = weight.to(cd)
-    out = xc * w[:, k - 1]
-    for j in range(1, k):  # lag j uses weight column K-1-j
-        tap = xp[:, k - 1 - j: k - 1 - j + seqlen] * w[:, k - 1 - j]
-        if seq_idx is not None:
-            lagged = F.pad(seq_idx, (j, 0), value=-1)[:, :seqlen] if initial_state is None else torch.cat(
-                [seq_idx[:, :1].expand(bsz, j), seq_idx], dim=1)[:, :seqlen]
-            tap = tap * (lagged == seq_idx)[..., None]
-        out = out + tap
+    cd = x.dtype if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else _compute_dtype(x.dtype)
+    xc, w = x.to(cd), weight.to(cd)
+    prev = (initial_state[:, :, 1:].to(cd) if initial_state is not None
+            else xc.new_zeros(bsz, ch, k - 1))
+    xp = torch.cat([prev, xc.transpose(1, 2)], dim=2)  # [B,Ch,K-1+T]
+    out = F.conv1d(xp, w[:, None], None, groups=ch).transpose(1, 2)  # [B,T,Ch]
+    if seq_idx is not None:
+        out = _recompute_document_starts(out, xc, w, seq_idx, from_state=initial_state is not None)
     if bias is not None:
         out = out + bias.to(cd)
     if activation == "silu":
         out = F.silu(out)
     return out.to(x.dtype)
+
+
+def _recompute_document_starts(out: Tensor, x: Tensor, w: Tensor, seq_idx: Tensor, *, from_state: bool) -> Tensor:
+    """Overwrite out[b, t] for every t whose K-wide window crosses a document boundary with the taps of its own
+    document only. (With from_state, the initial state belongs to the row's first document.)"""
+    k = w.shape[-1]
+    seqlen = x.shape[1]
+    change = seq_idx[:, 1:] != seq_idx[:, :-1]
+    starts = F.pad(change, (1, 0), value=False)  # [B,T] True where a new document begins
+    affected = starts.clone()
+    for j in range(1, k - 1):
+        affected[:, j:] |= starts[:, :-j]
+    b_idx, t_idx = affected.nonzero(as_tuple=True)
+    if b_idx.numel() == 0:
+        return out
+    vals = x[b_idx, t_idx] * w[:, k - 1]
+    for j in range(1, k):
+        src = t_idx - j
+        ok = (src >= 0) & (seq_idx[b_idx, src.clamp(min=0)] == seq_idx[b_idx, t_idx])
+        if not from_state:
+            ok = ok & (src >= 0)
+        vals = vals + x[b_idx, src.clamp(min=0)] * w[:, k - 1 - j] * ok[:, None]
+    return out.index_put((b_idx, t_idx), vals)
 
 
 def conv_step(conv_state: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
