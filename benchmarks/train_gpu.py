@@ -74,7 +74,8 @@ def _batch(cfg: ModelConfig, micro: int, gen: torch.Generator, packed: bool) -> 
     return {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(), "seq_idx": seq_idx}
 
 
-def bench_training(name: str, steps: int, warmup: int, peak: float, packed: bool = False) -> dict:
+def bench_training(name: str, steps: int, warmup: int, peak: float, packed: bool = False,
+                   compile_: bool = False) -> dict:
     """Tokens/s and MFU of the real train_step for one recipe; the first micro-batch/AC setting that fits."""
     dev = torch.device(DEVICE)
     info = DistInfo(0, 1, 0, dev)
@@ -82,7 +83,8 @@ def bench_training(name: str, steps: int, warmup: int, peak: float, packed: bool
     for micro, ac in CANDIDATES[name]:
         recipe = load_recipe(ROOT / "recipes" / f"{name}.toml",
                              [f"optim.micro_batch={micro}", f"optim.global_batch={micro}", "precision.dtype=bfloat16",
-                              f"parallel.activation_checkpointing={str(ac).lower()}"])
+                              f"parallel.activation_checkpointing={str(ac).lower()}",
+                              f"parallel.compile={str(compile_).lower()}"])
         cfg = recipe.model_config()
         model = opt = None
         try:
@@ -108,7 +110,7 @@ def bench_training(name: str, steps: int, warmup: int, peak: float, packed: bool
         tps = micro * SEQ / (ms / 1e3)
         n_params = sum(param_counts(cfg).values())
         flops = flops_per_token(cfg, SEQ)["training"]
-        res = dict(model=name + (" packed" if packed else ""), params=n_params, seq_len=SEQ, micro_batch=micro,
+        res = dict(model=name + (" packed" if packed else "") + (" compiled" if compile_ else ""), params=n_params, seq_len=SEQ, micro_batch=micro,
                    activation_checkpointing=ac,
                    step_ms=ms, step_ms_all=times, tokens_per_s=tps, mfu=flops * tps / peak,
                    mfu_6n=6 * n_params * tps / peak, flops_per_token_training=flops,
@@ -194,26 +196,30 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20, help="timed repetitions per layer")
     ap.add_argument("--peak-tflops", type=float, default=989.4, help="dense bf16 peak of the GPU")
     ap.add_argument("--quick", action="store_true", help="hybrid-370m only, fewer steps")
+    ap.add_argument("--models", default="hybrid-370m,hybrid-1.3b", help="comma-separated recipes to train")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each block (parallel.compile=true)")
+    ap.add_argument("--no-layer", action="store_true", help="skip the Mamba-2 layer comparison")
+    ap.add_argument("--no-packed", action="store_true", help="skip the packed-documents row")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("train_gpu.py needs a CUDA GPU")
     kernels.set_backend("kernel")  # raises with the reason if mamba_ssm's kernels are missing
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.cuda.get_device_name()
-    models = ["hybrid-370m"] if args.quick else ["hybrid-370m", "hybrid-1.3b"]
+    models = ["hybrid-370m"] if args.quick else args.models.split(",")
     steps = 3 if args.quick else args.steps
     t0 = time.perf_counter()
     layer_rows = []
-    for d_model, batch in ((2048, 2), (4096, 2)):
+    for d_model, batch in () if args.no_layer else ((2048, 2), (4096, 2)):
         try:
             layer_rows.append(bench_layer(d_model, batch, args.reps))
         except Exception as e:  # noqa: BLE001 - report and keep going: the training numbers still matter
             layer_rows.append({"d_model": d_model, "error": f"{type(e).__name__}: {e}"})
         print(json.dumps(layer_rows[-1]), flush=True)
     train_rows = []
-    runs = [(name, False) for name in models] + [("hybrid-370m", True)]  # + packed rows, as the loader feeds them
+    runs = [(name, False) for name in models] + ([] if args.no_packed else [("hybrid-370m", True)])  # + packed row
     for name, packed in runs:
-        train_rows.append(bench_training(name, steps, args.warmup, args.peak_tflops * 1e12, packed))
+        train_rows.append(bench_training(name, steps, args.warmup, args.peak_tflops * 1e12, packed, args.compile))
         print(json.dumps({k: v for k, v in train_rows[-1].items() if k != "step_ms_all"}), flush=True)
     result = {"device": device, "torch": torch.__version__, "backend": kernels.describe(), "seq_len": SEQ,
               "peak_tflops": args.peak_tflops, "training": train_rows, "mamba2_layer": layer_rows,
