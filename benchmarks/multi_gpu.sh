@@ -5,24 +5,24 @@
 set -uo pipefail
 OUT=${OUT:-runs/multi_gpu}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0   # NVLink multicast off (device README)
-STEPS=${STEPS:-30}; HALF=$((STEPS / 2))
+STEPS=${STEPS:-24}; HALF=$((STEPS / 2))
 R=${RECIPE:-recipes/hybrid-1.3b.toml}
-SETS=(--set optim.steps=$STEPS --set optim.global_batch=16 --set optim.micro_batch=4 --set optim.warmup_steps=5
+SETS=(--set optim.tokens=none --set optim.steps=$STEPS --set optim.global_batch=16 --set optim.micro_batch=4 --set optim.warmup_steps=5
       --set checkpoint.interval=$HALF --set checkpoint.keep_last=2 --set logging.interval=1 --set logging.progress=false
       --set eval.interval=0 --set eval.batches=2 --set parallel.activation_checkpointing=false)
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpus.txt"
 rm -rf runs/g2 runs/g1
 
 echo "== 2 GPUs: start, kill -9 once the step-$HALF checkpoint is published"
-setsid torchrun --nproc-per-node 2 -m hybridctl train $R "${SETS[@]}" --run-dir runs/g2 > "$OUT/g2_part1.log" 2>&1 &
+torchrun --nproc-per-node 2 -m hybridctl train $R "${SETS[@]}" --run-dir runs/g2 > "$OUT/g2_part1.log" 2>&1 &
 PID=$!
 for _ in $(seq 1 3000); do
-  [ -f runs/g2/checkpoints/latest ] && break
+  [ -e runs/g2/checkpoints/latest ] && break
   kill -0 $PID 2>/dev/null || break
   sleep 0.2
 done
-cat runs/g2/checkpoints/latest 2>/dev/null && echo " published; killing the run"
-kill -9 -- -$PID 2>/dev/null; wait $PID 2>/dev/null
+echo "published: $(cat runs/g2/checkpoints/latest 2>/dev/null); killing the run (SIGKILL to torchrun and its workers)"
+pkill -9 -f "hybridctl train"; wait $PID 2>/dev/null; sleep 1
 cp runs/g2/metrics.jsonl "$OUT/g2_metrics_before_kill.jsonl" 2>/dev/null
 
 echo "== 2 GPUs: --resume auto"

@@ -10,7 +10,7 @@ A recipe is one TOML file with a few top-level keys (``name``, ``seed``) and one
   [checkpoint]  dir (the run directory), interval, keep_last, export (final native checkpoint)
   [eval]        interval, batches
   [logging]     interval, progress, peak_tflops (for MFU)
-  [parallel]    compile, activation_checkpointing, reshard_after_forward (FSDP2)
+  [parallel]    compile, activation_checkpointing, reshard_after_forward, fsdp_param_dtype (FSDP2)
 
 Unknown keys are errors that name the closest valid key; values are type-checked with messages naming the field.
 ``resolve_recipe`` expands the model section into the complete ModelConfig dict, so the resolved recipe saved in a run
@@ -162,6 +162,15 @@ class ParallelSection:
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     reshard_after_forward: bool = True  # FSDP2: free gathered parameters after forward (ZeRO-3); False ≈ ZeRO-2
+    # FSDP2 all-gather dtype under bf16: "float32" gathers the fp32 master weights and lets autocast cast the matmul
+    # inputs — the same numerics as one device; "bfloat16" halves the gather traffic but also rounds norms, A_log,
+    # dt_bias and D to bf16, so 1- and N-device losses differ beyond noise.
+    fsdp_param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.fsdp_param_dtype not in ("float32", "bfloat16"):
+            raise HybridctlError(f"parallel.fsdp_param_dtype: must be float32 or bfloat16, got "
+                                 f"{self.fsdp_param_dtype!r}")
 
 
 @dataclass

@@ -138,7 +138,8 @@ def build_training_model(cfg: ModelConfig, recipe: Recipe, src: Any, info: paral
         parallel.apply_compile(model)
     if info.distributed:
         bf16 = _use_bf16(recipe, info.device)
-        parallel.apply_fsdp(model, param_dtype=torch.bfloat16 if bf16 else None,
+        gather_bf16 = bf16 and recipe.parallel.fsdp_param_dtype == "bfloat16"
+        parallel.apply_fsdp(model, param_dtype=torch.bfloat16 if gather_bf16 else None,
                             reshard_after_forward=recipe.parallel.reshard_after_forward)
         model.to_empty(device=info.device)
         # rank 0 builds the full initial state on CPU (the same numbers a one-process CPU run starts from) and
