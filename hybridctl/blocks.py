@@ -226,9 +226,13 @@ class Attention(nn.Module):
             k = apply_rope(k, positions[:, None], a.rope_base, rot)
         state.k.index_copy_(1, slot, k.to(state.k.dtype))
         state.v.index_copy_(1, slot, v.to(state.v.dtype))
-        # offset = S_max - 1 makes the causal part of the mask all-true; key_mask alone decides.
+        # GQA without repeating K/V: the A/KV query heads of a group become that KV head's "queries" [B,A/KV,KV,dh]
+        # (head h reads group h // (A/KV), as in the prefill). offset = S_max - 1 makes the causal part of the
+        # mask all-true, so key_mask alone decides.
+        rep = self.n_heads // self.n_kv
+        q = q.view(bsz, self.n_kv, rep, self.dh).transpose(1, 2)
         out = kernels.attention(q, state.k, state.v, offset=state.k.shape[1] - 1, key_valid=key_mask)
-        return self.o_proj(out.reshape(bsz, self.n_heads * self.dh))
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, self.n_heads * self.dh))
 
 
 class MLP(nn.Module):

@@ -301,7 +301,8 @@ def generate(
         typer.echo("")
     typer.echo(f"[{res.batch_size}×{res.decode_steps + 1} tokens | TTFT {res.time_to_first_token_s:.3f} s | "
                f"prefill {res.prefill_tokens_per_s:.1f} tok/s | decode {res.decode_tokens_per_s:.1f} tok/s | "
-               f"{res.device} {res.backend}{' cuda-graph' if res.cuda_graph else ''}]", err=True)
+               f"{res.device} {res.backend}{' cuda-graph' if res.cuda_graph else ''}"
+               f"{' fast-cpu' if res.extra.get('cpu_fast_path') else ''}]", err=True)
 
 
 def _gather_prompts(prompt: Optional[list[str]], prompt_file: Optional[list[Path]]) -> list[str]:

@@ -108,6 +108,32 @@ class HybridLM(nn.Module):
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, w)
 
+    def decode_step(self, tokens: Tensor, cache: InferenceCache, slot: Tensor, positions: Tensor | None = None
+                    ) -> Tensor:
+        """One token per row with static shapes, for CUDA graphs and the CPU fast path: tokens [B] → logits [B,V].
+
+        slot [1] long device tensor: the cache position being written (= cache.offset in the Python-int API);
+        positions [B] long: RoPE positions (row-specific with left padding). Reads/writes the cache in place but
+        does NOT advance ``cache.offset`` or ``slot`` (a captured graph cannot run Python side effects): the
+        caller advances both. Equivalent to ``forward(tokens[:, None], cache=cache)[:, 0]`` at offset == slot.
+        """
+        x = self.embed(tokens)
+        key_mask = None
+        if ATTENTION in self.cfg.pattern:
+            # [B,S_max]: slots already written for this row (left padding stays invalid in cache.key_valid)
+            kpos = torch.arange(cache.max_seqlen, device=tokens.device)
+            key_mask = cache.key_valid & (kpos <= slot)[None]
+        for i, layer in enumerate(self.layers):
+            h = layer.norm(x)
+            if layer.kind == MAMBA:
+                h = layer.mixer.step(h, cache.layers[i])
+            elif layer.kind == ATTENTION:
+                h = layer.mixer.step(h, cache.layers[i], slot=slot, key_mask=key_mask, positions=positions)
+            else:
+                h = layer.mixer(h)
+            x = x + h
+        return self.logits(self.norm_f(x))
+
     # ---- inference cache ------------------------------------------------------------------------------------------
     def allocate_cache(self, batch_size: int, max_seqlen: int, *, device=None, dtype=None,
                        state_dtype: torch.dtype = torch.float32) -> InferenceCache:

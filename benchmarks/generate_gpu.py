@@ -1,0 +1,228 @@
+"""GPU decode speed of hybrid-1.3b (bf16): hybridctl (CUDA graph + Mamba kernels) vs transformers' NemotronH on the
+same weights vs mamba_ssm's MambaLMHeadModel decode(cg=True) on a pure Mamba-2 of the same size.
+
+    python benchmarks/generate_gpu.py            # ~3-5 min on one H100; JSON to $OUT/generate_gpu.json if OUT is set
+    python benchmarks/generate_gpu.py --quick    # batch 1 only, prompt 1K
+
+Rows: (batch, prompt length) in (1,1K) (8,1K) (64,1K) (1,16K) (8,16K) for hybridctl, plus (1,1K) without the graph
+and with a bf16 SSM state; transformers and mamba_ssm at (1,1K) (8,1K) (64,1K) (1,16K). The batch-1 comparison runs
+first. (64,16K) is left out: its prefill alone would need ~30 GB of activations in one call.
+
+Decode tokens/s counts every row of the batch; roofline = bytes a decode step must read (weights, SSM/conv state
+read+write, KV cache at the mean length) ÷ the device-to-device copy bandwidth measured here. Every peer is guarded:
+a failure prints and the rest runs. Results are written after every row, so a timeout still leaves the rows that
+finished. A wall-clock budget (--budget-s, default 330) skips what is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+
+def shim_transformers_for_mamba_ssm() -> None:
+    """mamba_ssm.utils.generation imports GreedySearchDecoderOnlyOutput/SampleDecoderOnlyOutput, which transformers 5
+    removed; `import mamba_ssm` (and with it hybridctl's kernel backend) would fail. Alias them before any import."""
+    try:
+        import transformers.generation as tg
+    except Exception:  # noqa: BLE001 - no transformers: nothing to shim
+        return
+    for name in ("GreedySearchDecoderOnlyOutput", "SampleDecoderOnlyOutput"):
+        if not hasattr(tg, name) and hasattr(tg, "GenerateDecoderOnlyOutput"):
+            setattr(tg, name, tg.GenerateDecoderOnlyOutput)
+
+
+shim_transformers_for_mamba_ssm()
+
+from generate_common import (bytes_per_step, copy_bandwidth, guarded, hf_decode_rate, table,  # noqa: E402
+                             to_nemotron_h, write_json)
+
+from hybridctl import kernels  # noqa: E402
+from hybridctl.config import preset  # noqa: E402
+from hybridctl.generate import generate  # noqa: E402
+from hybridctl.model import build_model, materialize  # noqa: E402
+
+DEV = torch.device("cuda")
+GRID = [(1, 1024), (8, 1024), (64, 1024), (1, 16384), (8, 16384)]
+COLS = ["impl", "batch", "prompt", "decode_tok_s", "ms_per_step", "roofline_frac", "ttft_s", "prefill_tok_s",
+        "warmup_s", "note"]
+
+
+class Bench:
+    def __init__(self, args) -> None:
+        self.args, self.rows, self.errors, self.env = args, [], {}, {}
+        self.t0 = time.perf_counter()
+
+    def out_of_time(self, label: str) -> bool:
+        if time.perf_counter() - self.t0 > self.args.budget_s:
+            print(f"[{label}] skipped: time budget of {self.args.budget_s} s spent", flush=True)
+            self.errors[label] = "skipped (time budget)"
+            return True
+        return False
+
+    def add(self, row: dict) -> None:
+        if row.get("decode_tok_s"):
+            row["ms_per_step"] = 1e3 * row["batch"] / row["decode_tok_s"]
+            if row.get("roofline_tok_s"):
+                row["roofline_frac"] = row["decode_tok_s"] / row["roofline_tok_s"]
+        self.rows.append(row)
+        print({k: row.get(k) for k in COLS}, flush=True)
+        write_json("generate_gpu.json", {"env": self.env, "rows": self.rows, "errors": self.errors})
+
+
+def prompts(bsz: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (bsz, length), generator=g)
+
+
+def ours_task(model, bsz: int, L: int, new_tokens: int, kw: dict, bw: float) -> dict:
+    ids = prompts(bsz, L, model.cfg.vocab_size).tolist()
+    generate(model, ids, max_new_tokens=new_tokens, **kw)  # warm-up at these shapes (autotune, allocator)
+    r = generate(model, ids, max_new_tokens=new_tokens, **kw)
+    sbytes = 2 if kw.get("state_dtype") == "bfloat16" else 4
+    roof = bsz * bw / bytes_per_step(model, bsz, L + new_tokens // 2, state_bytes=sbytes)
+    return {"impl": "hybridctl", "batch": bsz, "prompt": L, "decode_tok_s": r.decode_tokens_per_s,
+            "ttft_s": r.time_to_first_token_s, "prefill_tok_s": r.prefill_tokens_per_s, "warmup_s": r.warmup_s,
+            "roofline_tok_s": roof, "note": ("graph" if r.cuda_graph else "eager") + f" state={r.state_dtype}"}
+
+
+def hf_task(hf, model, bsz: int, L: int, new_tokens: int, bw: float) -> dict:
+    r = hf_decode_rate(hf, prompts(bsz, L, model.cfg.vocab_size).to(DEV), new_tokens)
+    roof = bsz * bw / bytes_per_step(model, bsz, L + new_tokens // 2)
+    return {"impl": "transformers NemotronH", "batch": bsz, "prompt": L, "decode_tok_s": r["decode_tokens_per_s"],
+            "ttft_s": r["ttft_s"], "roofline_tok_s": roof, "note": "generate(), same weights"}
+
+
+def mamba_ssm_model(cfg):
+    """A pure Mamba-2 of hybrid-1.3b's width and depth (48 × d_model 2048, N 128, P 64, G 8; tied embeddings)."""
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    def build(fused: bool):
+        mc = MambaConfig(d_model=cfg.d_model, n_layer=48, d_intermediate=0, vocab_size=cfg.vocab_size,
+                         ssm_cfg={"layer": "Mamba2", "d_state": 128, "headdim": 64, "ngroups": 8},
+                         rms_norm=True, residual_in_fp32=True, fused_add_norm=fused, pad_vocab_size_multiple=16)
+        return MambaLMHeadModel(mc, device=DEV, dtype=torch.bfloat16).eval()
+
+    try:
+        return build(True)
+    except ImportError as e:  # the Triton RMSNorm is missing from this install: mamba_ssm's unfused path
+        print(f"[mamba_ssm] fused_add_norm unavailable ({e}); using the unfused norm", flush=True)
+        return build(False)
+
+
+def mamba_decode_rate(model, ids: torch.Tensor, new_tokens: int) -> dict:
+    """decode(cg=True) tokens/s with the prefill cancelled: (B·(N−1)) / (t(N) − t(1)); the graph is captured by a
+    first call at the longest length, so the timed calls reuse it."""
+    from mamba_ssm.utils.generation import decode
+
+    L = ids.shape[1]
+
+    def timed(n: int) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        decode(ids, model, L + n, top_k=1, cg=True)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    t = time.perf_counter()
+    timed(new_tokens)
+    warm = time.perf_counter() - t
+    t1 = min(timed(1) for _ in range(2))
+    tn = min(timed(new_tokens) for _ in range(2))
+    rate = ids.shape[0] * (new_tokens - 1) / (tn - t1) if tn - t1 > 0.05 * tn else None
+    return {"decode_tokens_per_s": rate, "ttft_s": t1, "warmup_s": warm}
+
+
+def mamba_task(m, cfg, bsz: int, L: int, new_tokens: int, bw: float) -> dict:
+    r = mamba_decode_rate(m, prompts(bsz, L, cfg.vocab_size).to(DEV), new_tokens)
+    n_params = sum(p.numel() for p in m.parameters())
+    # pure Mamba-2: weights (tied embedding: the head reads it) + SSM state read and written; no KV cache
+    nbytes = n_params * 2 + bsz * 48 * (2 * (cfg.d_inner // 64) * 64 * 128 * 4)
+    return {"impl": "mamba_ssm Mamba-2 (cg)", "batch": bsz, "prompt": L, "decode_tok_s": r["decode_tokens_per_s"],
+            "ttft_s": r["ttft_s"], "warmup_s": r["warmup_s"], "roofline_tok_s": bsz * bw / nbytes,
+            "note": f"pure Mamba-2 {n_params / 1e9:.2f}B"}
+
+
+def tasks(args) -> list[tuple[str, int, int, dict]]:
+    """(peer, batch, prompt, options) in priority order: the batch-1 comparison first (a run may be cut short)."""
+    first = [("ours", 1, 1024, {}), ("ours", 1, 1024, {"cuda_graph": False}), ("hf", 1, 1024, {}),
+             ("mamba", 1, 1024, {})]
+    if args.quick:
+        return first
+    rest = [("ours", b, L, {}) for b, L in GRID if (b, L) != (1, 1024)]
+    rest += [("ours", 1, 1024, {"state_dtype": "bfloat16"})]
+    rest += [("mamba", b, L, {}) for b, L in [(8, 1024), (64, 1024), (1, 16384)]]
+    rest += [("hf", b, L, {}) for b, L in [(8, 1024), (1, 16384), (64, 1024)]]
+    return first + rest
+
+
+def run_tasks(b: Bench, model, cfg, bw: float) -> None:
+    """The first call (JIT), the peers' set-up, then every task in priority order, each guarded."""
+    args = b.args
+    t = time.perf_counter()
+    first = guarded("hybridctl first call", lambda: generate(model, [[1] * 64], max_new_tokens=8), b.errors)
+    b.env["first_call_s"] = time.perf_counter() - t  # Triton JIT / autotune of the prefill and decode kernels
+    b.env["first_call_cuda_graph"] = None if first is None else first.cuda_graph
+    hf = guarded("transformers load", lambda: to_nemotron_h(model), b.errors)
+    mamba = guarded("mamba_ssm load", lambda: mamba_ssm_model(cfg), b.errors)
+    if mamba is not None:
+        b.env["mamba_ssm_params"] = sum(p.numel() for p in mamba.parameters())
+    run = {"ours": lambda bsz, L, kw: ours_task(model, bsz, L, args.new_tokens, kw, bw),
+           "hf": None if hf is None else lambda bsz, L, kw: hf_task(hf, model, bsz, L, args.hf_new_tokens, bw),
+           "mamba": None if mamba is None else lambda bsz, L, kw: mamba_task(mamba, cfg, bsz, L, args.new_tokens, bw)}
+    for peer, bsz, L, kw in tasks(args):
+        label = f"{peer} b{bsz} L{L} {kw or ''}".strip()
+        if run[peer] is None or b.out_of_time(label):
+            continue
+        row = guarded(label, lambda: run[peer](bsz, L, kw), b.errors)
+        if row is not None:
+            b.add(row)
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="hybrid-1.3b")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--hf-new-tokens", type=int, default=24)
+    ap.add_argument("--budget-s", type=float, default=330.0)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("generate_gpu.py needs CUDA")
+    b = Bench(args)
+    kernels.set_backend("auto")
+    cfg = preset(args.preset)
+    model = materialize(build_model(cfg, dtype=torch.bfloat16), DEV, seed=0).eval()
+    bw = copy_bandwidth(DEV)
+    b.env.update(device=torch.cuda.get_device_name(), torch=torch.__version__, kernels=kernels.describe(),
+                 kernel_errors=list(kernels._load().errors), copy_bandwidth_GBps=bw / 1e9, preset=args.preset,
+                 params=sum(p.numel() for p in model.parameters()), new_tokens=args.new_tokens,
+                 bytes_per_step_b1_1k=bytes_per_step(model, 1, 1024 + args.new_tokens // 2))
+    for mod in ("transformers", "mamba_ssm", "triton"):
+        try:
+            b.env[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001
+            b.env[mod] = f"unavailable ({type(e).__name__})"
+    print(b.env, flush=True)
+    run_tasks(b, model, cfg, bw)
+    b.env["total_s"] = time.perf_counter() - b.t0
+    write_json("generate_gpu.json", {"env": b.env, "rows": b.rows, "errors": b.errors})
+    if b.errors:
+        print("errors:", b.errors)
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s; first call (JIT) {b.env.get('first_call_s', float('nan')):.1f} s; "
+          f"backend {b.env['kernels']}")
+    print(table(b.rows, COLS))
+
+
+if __name__ == "__main__":
+    main()

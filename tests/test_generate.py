@@ -1,0 +1,334 @@
+"""generate: greedy vs full-forward argmax, batch vs single, the static decode step, sampling, stops, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+from typer.testing import CliRunner
+
+from hybridctl import sampling
+from hybridctl.cli import app
+from hybridctl.config import HybridctlError
+from hybridctl.generate import generate
+from hybridctl.model import build_model, materialize
+from hybridctl.sampling import SamplingParams
+from hybridctl.tokenizer import ByteTokenizer
+
+runner = CliRunner()
+
+
+def make_model(seed: int = 0, **changes):
+    return materialize(build_model(tiny_config(**changes)), "cpu", seed=seed).eval()
+
+
+def argmax_reference(model, prompt: list[int], n: int) -> list[int]:
+    """Repeated argmax of the full forward (no cache): the oracle for greedy decoding."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from hybridctl.checkpoint.native import save_model
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_model(make_model(seed=1), out, tokenizer=ByteTokenizer())
+    return out
+
+
+# ---- correctness against references ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern,position,fast_cpu", [("M-M*-M-M", "none", True), ("M-M*-M-M", "none", False),
+                                                       ("*-MM*M", "rope", True), ("MM-M", "none", True)])
+def test_greedy_equals_full_forward_argmax(pattern, position, fast_cpu):
+    model = make_model(pattern=pattern, attention={"position": position})
+    prompt = torch.randint(0, 384, (37,)).tolist()  # crosses a chunk boundary (chunk 32)
+    res = generate(model, [prompt], max_new_tokens=12, fast_cpu=fast_cpu)
+    assert res.tokens[0] == argmax_reference(model, prompt, 12)
+    assert res.finish_reasons == ["length"] and res.decode_steps == 11
+    assert res.extra["cpu_fast_path"] is fast_cpu
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_cpu_fast_twin_matches_decode_step(tie):
+    """The CPU fast path (oneDNN-prepacked linears, in-place SSM update) computes the same step, leaves the model
+    untouched, is cached, and is rebuilt once a weight changes."""
+    from hybridctl.blocks import Mamba2Mixer
+    from hybridctl.generate import cpu_fast_twin
+
+    model = make_model(pattern="*M-M*M", tie_embeddings=tie)
+    twin = cpu_fast_twin(model)
+    assert twin is not model and cpu_fast_twin(model) is twin
+    assert all(type(m.mixer.in_proj) is torch.nn.Linear and type(m.mixer) is Mamba2Mixer
+               for m in model.layers if m.kind == "M")
+    ids = torch.randint(0, 384, (3, 9))
+    with torch.inference_mode():
+        caches = [model.allocate_cache(3, 16), model.allocate_cache(3, 16)]
+        for c in caches:
+            model(ids, cache=c)
+        slot = torch.tensor([9])
+        for t in range(4):
+            tok = torch.full((3,), 7 + t)
+            a = model.decode_step(tok, caches[0], slot, slot.expand(3))
+            b = twin.decode_step(tok, caches[1], slot, slot.expand(3))
+            slot += 1
+            assert (a - b).abs().max() < 1e-4
+    for i, st in caches[0].layers.items():
+        for name in ("ssm", "conv") if hasattr(st, "ssm") else ("k", "v"):
+            torch.testing.assert_close(getattr(caches[1].layers[i], name), getattr(st, name), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        model.norm_f.weight.mul_(2.0)
+    assert cpu_fast_twin(model) is not twin
+
+
+@pytest.mark.parametrize("position", ["none", "rope"])
+def test_decode_step_matches_forward_with_cache(position):
+    """The static (graph-friendly) step equals the Python-offset cached forward, and the full forward."""
+    model = make_model(pattern="*M-M*M", attention={"position": position})
+    ids = torch.randint(0, 384, (2, 14))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.allocate_cache(2, 20)
+        model(ids[:, :6], cache=cache)
+        slot = torch.tensor([6])
+        steps = []
+        for t in range(6, 14):
+            steps.append(model.decode_step(ids[:, t], cache, slot, slot.expand(2)))
+            slot += 1
+    err = (torch.stack(steps, 1) - full[:, 6:]).abs().max().item()
+    assert err < 1e-4, f"decode_step vs full forward: max abs error {err:.3g}"
+
+
+@pytest.mark.parametrize("position", ["none", "rope"])
+def test_batch_equals_single_prompts(position):
+    """Left padding must never enter an SSM/conv state or attention: pads shorter and longer than the conv
+    width, and longer than a scan chunk. Pattern starts with attention and ends with Mamba."""
+    model = make_model(pattern="*-M*-M", attention={"position": position})
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 384, (n,), generator=g).tolist() for n in (45, 43, 9, 1)]
+    batch = generate(model, prompts, max_new_tokens=10)
+    for p, toks in zip(prompts, batch.tokens):
+        assert toks == generate(model, [p], max_new_tokens=10).tokens[0]
+        assert toks == argmax_reference(model, p, 10)
+
+
+def test_padded_prefill_states_equal_unpadded():
+    """Direct check of model.py's padding handling: the cache after a left-padded prefill equals the cache of
+    the prompt alone (conv state, SSM state, KV of the real positions)."""
+    model = make_model(pattern="*M-M")
+    prompt = torch.randint(0, 384, (1, 7))
+    padded = torch.cat([torch.randint(0, 384, (1, 2)), prompt], dim=1)
+    seq_idx = torch.tensor([[0, 0] + [1] * 7], dtype=torch.int32)
+    with torch.no_grad():
+        a, b = model.allocate_cache(1, 16), model.allocate_cache(1, 16)
+        model(prompt, cache=a)
+        model(padded, cache=b, seq_idx=seq_idx)
+    for i, st in a.layers.items():
+        if hasattr(st, "ssm"):
+            torch.testing.assert_close(b.layers[i].conv, st.conv)
+            torch.testing.assert_close(b.layers[i].ssm, st.ssm, atol=1e-5, rtol=1e-4)
+        else:
+            torch.testing.assert_close(b.layers[i].k[:, 2:9], st.k[:, :7], atol=1e-5, rtol=1e-4)
+    assert b.key_valid[0, :2].tolist() == [False, False] and bool(b.key_valid[0, 2:].all())
+
+
+def test_padded_vocab_ids_are_never_emitted():
+    """Megatron-style padded vocab: the model has 384 rows, the byte tokenizer 259; make the padded rows win."""
+    model = make_model()
+    with torch.no_grad():
+        model.lm_head.weight[259:] *= 100.0
+    res = generate(model, ["abc"], tokenizer="byte", max_new_tokens=8, use_eos=False)
+    assert len(res.tokens[0]) == 8 and max(res.tokens[0]) < 259
+    res = generate(model, ["abc"], tokenizer="byte", max_new_tokens=8, temperature=1.0, use_eos=False)
+    assert max(res.tokens[0]) < 259
+
+
+def test_state_dtype_bf16_runs_and_stays_close():
+    model = make_model()
+    prompt = torch.randint(0, 384, (20,)).tolist()
+    res = generate(model, [prompt], max_new_tokens=8, state_dtype="bf16")
+    ref = generate(model, [prompt], max_new_tokens=8)
+    assert res.state_dtype == "bfloat16" and len(res.tokens[0]) == 8
+    assert res.tokens[0][:2] == ref.tokens[0][:2]  # the first tokens see hardly any bf16 rounding
+
+
+# ---- sampling -------------------------------------------------------------------------------------------------------
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model = make_model()
+    kw = dict(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.95, min_p=0.01, repetition_penalty=1.1)
+    a = generate(model, [[1, 2, 3]], seed=7, **kw).tokens
+    assert a == generate(model, [[1, 2, 3]], seed=7, **kw).tokens
+    assert a != generate(model, [[1, 2, 3]], seed=8, **kw).tokens
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    assert torch.isinf(sampling.apply_top_k(logits, 2)).tolist() == [[False, False, True, True, True]]
+    p = torch.softmax(logits, -1)[0]
+    keep = ~torch.isinf(sampling.apply_top_p(logits, float(p[0] + p[1] / 2)))
+    assert keep.tolist() == [[True, True, False, False, False]]  # the smallest set reaching the mass
+    keep = ~torch.isinf(sampling.apply_min_p(logits, float(p[2] / p[0]) * 0.999))
+    assert keep.tolist() == [[True, True, True, False, False]]
+    seen = torch.tensor([[True, False, False, False, True]])
+    pen = sampling.apply_repetition_penalty(logits, seen, 2.0)
+    assert pen.tolist() == [[1.5, 2.0, 1.0, 0.0, -2.0]]
+    assert sampling.sample(logits, SamplingParams()).tolist() == [0]
+    # sampling follows the distribution (Exp-noise argmax == multinomial)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sampling.sample(logits, SamplingParams(temperature=1.0), generator=g)
+                         for _ in range(4000)])
+    freq = torch.bincount(draws[:, 0], minlength=5).float() / 4000
+    assert (freq - p).abs().max() < 0.03
+    with pytest.raises(HybridctlError, match="top_p"):
+        SamplingParams(top_p=0.0)
+
+
+# ---- stops, EOS, streaming ------------------------------------------------------------------------------------------
+
+
+def test_eos_and_stop_strings_are_respected():
+    model = make_model(seed=2)
+    base = generate(model, ["Hi"], tokenizer="byte", max_new_tokens=24, temperature=1.0, seed=5, use_eos=False)
+    toks = base.tokens[0]
+    tok = ByteTokenizer()
+    tok.eos_id = toks[5]  # pretend the 6th generated token is EOS
+    res = generate(model, ["Hi"], tokenizer=tok, max_new_tokens=24, temperature=1.0, seed=5)
+    cut = toks.index(toks[5])
+    assert res.tokens[0] == toks[:cut] and res.finish_reasons == ["eos"]
+    # a stop string taken from the middle of the continuation's bytes
+    raw = bytes(t for t in toks if t < 256)
+    stop = raw[8:10].decode("latin-1")
+    text = base.texts[0]
+    if stop not in text:  # multi-byte characters: pick a stop from the decoded text instead
+        stop = text[len(text) // 2: len(text) // 2 + 2]
+    streamed: list[str] = []
+    res = generate(model, ["Hi"], tokenizer="byte", max_new_tokens=24, temperature=1.0, seed=5, use_eos=False,
+                   stop=[stop, "never-seen"], on_text=lambda i, piece: streamed.append(piece))
+    assert res.finish_reasons == ["stop"]
+    assert res.texts[0] == text[:text.index(stop)]
+    assert "".join(streamed) == res.texts[0]  # the stop string is never streamed
+
+
+def test_streaming_is_utf8_safe():
+    model = make_model(seed=4)
+    pieces: list[str] = []
+    res = generate(model, ["é"], tokenizer="byte", max_new_tokens=30, temperature=1.0, seed=1,
+                   on_text=lambda i, piece: pieces.append(piece))
+    assert "".join(pieces) == res.texts[0]
+    assert res.texts[0] == bytes(t for t in res.tokens[0] if t < 256).decode("utf-8", errors="replace")
+
+
+# ---- errors ---------------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, ckpt):
+    from hybridctl.checkpoint.native import save_model
+
+    with pytest.raises(HybridctlError, match="no such file"):
+        generate(tmp_path / "missing", ["x"])
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(HybridctlError, match="unknown checkpoint format"):
+        generate(tmp_path / "junk", ["x"])
+    save_model(make_model(), tmp_path / "notok")
+    with pytest.raises(HybridctlError, match="--tokenizer"):
+        generate(tmp_path / "notok", ["x"])
+    with pytest.raises(HybridctlError, match="tokenizer not found"):
+        generate(ckpt, ["x"], tokenizer=str(tmp_path / "nope"))
+    with pytest.raises(HybridctlError, match="max_new_tokens"):
+        generate(ckpt, ["x"], max_new_tokens=0)
+    with pytest.raises(HybridctlError, match="need a tokenizer"):
+        generate(make_model(), ["x"])
+    with pytest.raises(HybridctlError, match="empty"):
+        generate(make_model(), [[]])
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_json_fields(ckpt):
+    r = runner.invoke(app, ["generate", str(ckpt), "--prompt", "Hello", "--max-new-tokens", "6", "--json"])
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.stdout)
+    for key in ("text", "tokens", "prompt_tokens", "prefill_tokens_per_s", "decode_tokens_per_s",
+                "time_to_first_token_s", "device", "backend", "finish_reason", "warmup_s", "state_dtype"):
+        assert key in obj, key
+    assert len(obj["tokens"]) == 6 and obj["prompt_tokens"] == 6 and obj["device"] == "cpu"  # BOS + 5 bytes
+    r = runner.invoke(app, ["generate", str(ckpt), "-p", "Hello", "-p", "a", "--max-new-tokens", "4", "--json"])
+    obj2 = json.loads(r.stdout)
+    assert [x["prompt_tokens"] for x in obj2["results"]] == [6, 2]
+    assert obj2["results"][0]["tokens"] == obj["tokens"][:4]  # batched == alone
+
+
+def test_cli_streams_text_and_reads_stdin(ckpt):
+    j = json.loads(runner.invoke(app, ["generate", str(ckpt), "-p", "Hey", "--max-new-tokens", "8", "--json",
+                                       "--ignore-eos"]).stdout)
+    r = runner.invoke(app, ["generate", str(ckpt), "-p", "-", "--max-new-tokens", "8", "--ignore-eos"], input="Hey")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == j["text"] + "\n"
+    assert "decode" in r.stderr and "tok/s" in r.stderr
+
+
+def test_cli_errors_are_one_line(ckpt, tmp_path):
+    r = runner.invoke(app, ["generate", str(ckpt)])
+    assert r.exit_code == 1 and "no prompt" in r.stderr
+    r = runner.invoke(app, ["generate", str(tmp_path / "none"), "-p", "x"])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "no such file" in r.stderr
+    r = runner.invoke(app, ["generate", str(ckpt), "-p", "x", "--state-dtype", "int3"])
+    assert r.exit_code == 1 and "dtype" in r.stderr
+    pf = tmp_path / "p.txt"
+    pf.write_text("From a file")
+    r = runner.invoke(app, ["generate", str(ckpt), "--prompt-file", str(pf), "--max-new-tokens", "3",
+                            "--state-dtype", "bf16", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["prompt_tokens"] == 12
+
+
+# ---- GPU: the CUDA graph replays exactly the eager step (skipped without CUDA) --------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_equals_eager():
+    model = make_model(pattern="*-M*-M").cuda()
+    prompts = [torch.randint(0, 384, (n,)).tolist() for n in (30, 7)]
+    a = generate(model, prompts, max_new_tokens=16, cuda_graph=True)
+    b = generate(model, prompts, max_new_tokens=16, cuda_graph=False)
+    assert a.cuda_graph and not b.cuda_graph
+    assert a.tokens == b.tokens
+
+
+# ---- parity with transformers' NemotronH ----------------------------------------------------------------------------
+
+
+def test_nemotron_h_checkpoint_matches_transformers_generate(tmp_path):
+    """A NemotronH saved by transformers, read by hybridctl's HF reader, gives transformers' own greedy tokens."""
+    pytest.importorskip("hybridctl.checkpoint.hf", reason="the Hugging Face reader (checkpoint/hf.py) is missing")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.NemotronHConfig(
+        vocab_size=320, hidden_size=64, layers_block_type=["full_attention", "mlp", "linear_attention", "mlp",
+                                                           "full_attention", "linear_attention"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128, mlp_hidden_act="relu2",
+        mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4, expand=2,
+        chunk_size=16, pad_token_id=0, bos_token_id=1, eos_token_id=None)
+    torch.manual_seed(0)
+    hf = transformers.NemotronHForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "nh")
+    prompts = [torch.randint(2, 320, (n,)).tolist() for n in (21, 6)]
+    for p in prompts:
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, pad_token_id=0,
+                               eos_token_id=None)[0, len(p):].tolist()
+        got = generate(tmp_path / "nh", [p], max_new_tokens=10, device="cpu")
+        assert got.tokens[0] == want
+    # and batched (left-padded) gives the same tokens as alone
+    both = generate(tmp_path / "nh", prompts, max_new_tokens=10, device="cpu")
+    assert both.tokens == [generate(tmp_path / "nh", [p], max_new_tokens=10, device="cpu").tokens[0]
+                           for p in prompts]
