@@ -84,20 +84,22 @@ class Mamba2Mixer(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """mamba_ssm/Megatron init: A = -U[A_init_min, A_init_max]; dt_bias = softplus⁻¹(log-uniform dt); D = 1."""
         m = self.cfg.mamba
-        dev = self.A_log.device
+        # drawn on the CPU (the generator's device) so the result does not depend on where the model lives
         with torch.no_grad():
-            u = torch.rand(self.nheads, generator=generator, device=dev, dtype=torch.float64)
+            u = torch.rand(self.nheads, generator=generator, dtype=torch.float64)
             self.A_log.copy_(torch.log(m.A_init_min + u * (m.A_init_max - m.A_init_min)))
-            u = torch.rand(self.nheads, generator=generator, device=dev, dtype=torch.float64)
+            u = torch.rand(self.nheads, generator=generator, dtype=torch.float64)
             dt = torch.exp(u * (math.log(m.dt_max) - math.log(m.dt_min)) + math.log(m.dt_min))
             dt = dt.clamp(min=m.dt_init_floor)
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
             self.D.fill_(1.0)
             # conv1d: PyTorch's default (kaiming-uniform), as mamba_ssm keeps it.
             bound = 1.0 / math.sqrt(self.d_conv)  # fan_in of a depthwise conv = K
-            self.conv1d.weight.uniform_(-bound, bound, generator=generator)
+            w = self.conv1d.weight
+            w.copy_(torch.rand(w.shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound)
             if self.conv1d.bias is not None:
-                self.conv1d.bias.uniform_(-bound, bound, generator=generator)
+                b = self.conv1d.bias
+                b.copy_(torch.rand(b.shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound)
         self.norm.reset_parameters()
 
     def _split_xbc(self, xBC: Tensor) -> tuple[Tensor, Tensor, Tensor]:

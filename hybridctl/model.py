@@ -161,13 +161,13 @@ class HybridLM(nn.Module):
         """Megatron/mamba_ssm initialisation: normal(0, init_std) for embeddings and projections, output projections
         (out_proj, o_proj, down_proj) scaled by 1/sqrt(2·n_layers), Mamba A/dt/D from their ranges, norms = 1."""
         cfg = self.cfg
-        dev = self.embed.weight.device
-        g = torch.Generator(device=dev).manual_seed(seed)
+        # a CPU generator: the same seed gives the same weights on every device (CPU, one GPU, FSDP ranks)
+        g = torch.Generator().manual_seed(seed)
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
 
         def normal_(t: Tensor, s: float) -> None:
             # draw in fp32 for reproducibility across dtypes, then cast
-            t.copy_(torch.randn(t.shape, generator=g, device=dev, dtype=torch.float32) * s)
+            t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float32).mul_(s))
 
         normal_(self.embed.weight, std)
         for layer in self.layers:
