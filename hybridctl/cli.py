@@ -145,6 +145,16 @@ def _not_yet(name: str) -> None:
     raise HybridctlError(f"'{name}' is not implemented yet")
 
 
+def _register_unfinished(name: str, doc: str) -> None:
+    """A registered command whose issue has not landed: it says so (one line, exit 1) whatever its arguments."""
+
+    def command(ctx: typer.Context) -> None:
+        _not_yet(name)
+
+    command.__doc__ = doc
+    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_errors(command))
+
+
 @app.command(epilog="Examples:\n\n  hybridctl train recipes/tiny.toml\n\n"
              "  hybridctl train recipes/tiny.toml --set optim.lr=3e-4 --set data.seq_len=512 --max-steps 20\n\n"
              "  hybridctl train recipes/phonebook.toml --run-dir runs/pb --resume never --json\n\n"
@@ -187,12 +197,6 @@ def train(
                        ("tokens/s", f(s["tokens_per_s"], ",.0f")), ("checkpoint", str(s["checkpoint"])),
                        ("export", str(s["export"]))]))
 
-
-@app.command("extend-context", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-@_errors
-def extend_context(ctx: typer.Context) -> None:
-    """Continued training at a longer sequence length, with long-context evaluation."""
-    _not_yet("extend-context")
 
 
 @app.command(epilog="Examples:\n\n  hybridctl convert runs/tiny --to hf --out export/tiny-hf\n\n"
@@ -241,12 +245,6 @@ def convert(
              f"{res.seconds:.1f} s)")]
     typer.echo(_table(rows + [("note", n) for n in res.notes]))
 
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-@_errors
-def quantize(ctx: typer.Context) -> None:
-    """Mamba-aware weight quantization."""
-    _not_yet("quantize")
 
 
 @app.command(epilog="Prompts: --prompt TEXT (repeatable: one batch), --prompt - (stdin), --prompt-file PATH (each file"
@@ -317,12 +315,6 @@ def _gather_prompts(prompt: Optional[list[str]], prompt_file: Optional[list[Path
     return out
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-@_errors
-def bench(ctx: typer.Context) -> None:
-    """Measure speed, memory and quality."""
-    _not_yet("bench")
-
 
 # ---- completion ----------------------------------------------------------------------------------------------------
 SHELLS = ("bash", "zsh", "fish")
@@ -344,6 +336,12 @@ def completion_script(shell: str) -> str:
 def completion(shell: Annotated[str, typer.Argument(help="bash | zsh | fish")]) -> None:
     """Print a shell completion script (committed copies live in completions/)."""
     typer.echo(completion_script(shell), nl=False)
+
+
+for _name, _doc in (("extend-context", "Continued training at a longer sequence length, with long-context evaluation."),
+                    ("quantize", "Mamba-aware weight quantization."),
+                    ("bench", "Measure speed, memory and quality.")):
+    _register_unfinished(_name, _doc)
 
 
 def main() -> None:
