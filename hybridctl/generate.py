@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 
-from hybridctl import kernels, ref
-from hybridctl.blocks import Mamba2Mixer
+from hybridctl import kernels
 from hybridctl.config import HybridctlError
 from hybridctl.sampling import SamplingParams, sample
 
@@ -176,43 +175,6 @@ class _PackedLinear(torch.nn.Module):
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _ssm_step_inplace(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
-                     dt_bias: Tensor, dt_limit: tuple[float, float]) -> Tensor:
-    """ref.ssm_step's maths (softplus dt) with the fp32 state [B,H,P,N] updated in place: no [B,H,P,N] temporaries,
-    and the heads of a B/C group handled as one [rep·P, N] matrix instead of repeat_interleave'd B/C — three passes
-    over the state (the step's largest tensor at batch > 1) instead of about six. x [B,H,P], dt [B,H] raw,
-    B/C [B,G,N] → y [B,H,P]."""
-    bsz, nheads, headdim = x.shape
-    ngroups, dstate = B.shape[1], B.shape[2]
-    dt = ref.process_dt(dt, dt_bias, True, dt_limit).float()
-    xf = x.float()
-    state.mul_(torch.exp(dt * A.float())[..., None, None])
-    grouped = state.view(bsz * ngroups, nheads // ngroups * headdim, dstate)  # heads are contiguous per group
-    grouped.baddbmm_((xf * dt[..., None]).reshape(bsz * ngroups, -1, 1), B.float().reshape(bsz * ngroups, 1, dstate))
-    # y = state · C as a row-vector product: MKL's batched GEMM with one output column is ~7× slower than with one
-    # output row on these shapes (0.87 vs 0.12 ms for 64 × [192,128] on 2 cores)
-    y = torch.bmm(C.float().reshape(bsz * ngroups, 1, dstate), grouped.transpose(1, 2)).view(bsz, nheads, headdim)
-    return (y + xf * D.float()[:, None]).to(x.dtype)
-
-
-class _FastMamba2Mixer(Mamba2Mixer):
-    """The twin's Mamba mixer: the same step with the in-place SSM update (fp32 state; others take the base step)."""
-
-    def step(self, u: Tensor, state) -> Tensor:
-        if state.ssm.dtype != torch.float32 or not state.ssm.is_contiguous():
-            return super().step(u, state)
-        bsz = u.shape[0]
-        z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xBC = kernels.conv_step(state.conv, xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias)
-        x, B, C = self._split_xbc(xBC)
-        y = _ssm_step_inplace(state.ssm, x.reshape(bsz, self.nheads, self.headdim), dt, -torch.exp(self.A_log.float()),
-                              B.reshape(bsz, self.ngroups, self.d_state), C.reshape(bsz, self.ngroups, self.d_state),
-                              self.D, self.dt_bias, self.dt_limit)
-        y = kernels.rmsnorm_gated(y.reshape(bsz, self.d_inner), z, self.norm.weight, self.norm.eps,
-                                  self.d_inner // self.ngroups)
-        return self.out_proj(y)
-
-
 _twins: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -223,8 +185,8 @@ def _fingerprint(model) -> tuple:
 
 def cpu_fast_twin(model):
     """The model to run CPU decode steps with: a twin sharing every tensor with ``model`` except the linear weights
-    (lm_head / tied embedding included), which are prepacked for oneDNN, and whose Mamba mixers update the SSM state
-    in place (_FastMamba2Mixer). Returns ``model`` itself where the fast path does not apply (not CPU fp32, no oneDNN,
+    (lm_head / tied embedding included), which are prepacked for oneDNN (the SSM state is updated in place by
+    ref.ssm_step either way). Returns ``model`` itself where the fast path does not apply (not CPU fp32, no oneDNN,
     linear weights over FAST_CPU_MAX_BYTES). Cached per model while its weights are unchanged (the packed copy lives
     as long as the model)."""
     p = next(model.parameters())
@@ -240,8 +202,6 @@ def cpu_fast_twin(model):
     memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     twin = copy.deepcopy(model, memo)  # new module objects, the same tensors
     for parent in list(twin.modules()):
-        if type(parent) is Mamba2Mixer:
-            parent.__class__ = _FastMamba2Mixer  # the twin's own module object: the model is untouched
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear:
                 setattr(parent, name, _PackedLinear(child.weight, child.bias))
