@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,9 @@ def allocate_pattern(n_layers: int, attention_ratio: float, mlp_ratio: float) ->
         raise HybridctlError(f"attention_ratio + mlp_ratio must be <= 1, got {attention_ratio + mlp_ratio}")
     n_attn = round(n_layers * attention_ratio)
     n_mlp = round(n_layers * mlp_ratio)
+    if n_attn + n_mlp > n_layers:  # each count is rounded on its own
+        raise HybridctlError(f"{n_layers} layers cannot hold {n_attn} attention + {n_mlp} MLP layers "
+                             f"(ratios {attention_ratio} and {mlp_ratio} round up past the total)")
     layers = [MAMBA] * n_layers
     if n_attn > 0:
         section = (n_layers - n_attn) / (n_attn + 1)
@@ -267,7 +271,33 @@ def _from_dict(cls: type, d: dict[str, Any], owner: str) -> Any:
         close = difflib.get_close_matches(k, names, n=1)
         hint = f"; did you mean {owner}.{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
         raise HybridctlError(f"{owner}.{k}: unknown key{hint}")
+    hints = typing.get_type_hints(cls)
+    for k, v in d.items():
+        if not isinstance(v, dict):
+            _check_type(f"{owner}.{k}", v, hints[k])
     return cls(**d)
+
+
+_SCALARS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _check_type(where: str, value: Any, hint: Any) -> None:
+    """A config value must have its field's type: bool is only True/False (never 'no'), an int field takes no float,
+    a float field takes ints too, ``X | None`` takes None. Nested dataclass fields are checked by their own class."""
+    args = typing.get_args(hint) or (hint,)
+    allowed = tuple(a for a in args if a in (int, float, bool, str, type(None)))
+    if not allowed:  # a nested dataclass or a container: checked elsewhere
+        return
+    ok = any(
+        (a is bool and isinstance(value, bool))
+        or (a is int and isinstance(value, int) and not isinstance(value, bool))
+        or (a is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (a is str and isinstance(value, str))
+        or (a is type(None) and value is None)
+        for a in allowed)
+    if not ok:
+        names = " or ".join("none" if a is type(None) else a.__name__ for a in allowed)
+        raise HybridctlError(f"{where}: expected {names}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------------

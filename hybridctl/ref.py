@@ -170,7 +170,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, init
     xp = torch.cat([prev, xc.transpose(1, 2)], dim=2)  # [B,Ch,K-1+T]
     out = F.conv1d(xp, w[:, None], None, groups=ch).transpose(1, 2)  # [B,T,Ch]
     if seq_idx is not None:
-        out = _recompute_document_starts(out, xc, w, seq_idx, from_state=initial_state is not None)
+        out = _recompute_document_starts(out, xc, w, seq_idx)
     if bias is not None:
         out = out + bias.to(cd)
     if activation == "silu":
@@ -178,9 +178,10 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, init
     return out.to(x.dtype)
 
 
-def _recompute_document_starts(out: Tensor, x: Tensor, w: Tensor, seq_idx: Tensor, *, from_state: bool) -> Tensor:
+def _recompute_document_starts(out: Tensor, x: Tensor, w: Tensor, seq_idx: Tensor) -> Tensor:
     """Overwrite out[b, t] for every t whose K-wide window crosses a document boundary with the taps of its own
-    document only. (With from_state, the initial state belongs to the row's first document.)"""
+    document only. Such a t lies after a document start inside the row, so its window never needs the initial state
+    (which belongs to the row's first document): taps before position 0 are simply dropped."""
     k = w.shape[-1]
     seqlen = x.shape[1]
     change = seq_idx[:, 1:] != seq_idx[:, :-1]
@@ -195,8 +196,6 @@ def _recompute_document_starts(out: Tensor, x: Tensor, w: Tensor, seq_idx: Tenso
     for j in range(1, k):
         src = t_idx - j
         ok = (src >= 0) & (seq_idx[b_idx, src.clamp(min=0)] == seq_idx[b_idx, t_idx])
-        if not from_state:
-            ok = ok & (src >= 0)
         vals = vals + x[b_idx, src.clamp(min=0)] * w[:, k - 1 - j] * ok[:, None]
     return out.index_put((b_idx, t_idx), vals)
 

@@ -76,3 +76,25 @@ def test_overrides_and_errors():
 def test_unknown_preset_lists_valid():
     with pytest.raises(HybridctlError, match="hybrid-8b"):
         preset("hybrid-9b")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("tie_embeddings=no", "model.tie_embeddings: expected bool, got 'no'"),
+    ("norm_eps=abc", "model.norm_eps: expected float"),
+    ("attention.rope_base=abc", "attention.rope_base: expected float"),
+    ("mamba.d_state=2.5", "mamba.d_state: expected int"),
+    ("mamba.conv_bias=1", "mamba.conv_bias: expected bool"),
+])
+def test_override_values_are_type_checked(override, needle):
+    d = preset("tiny").to_dict()
+    apply_overrides(d, [override])
+    with pytest.raises(HybridctlError, match=needle.replace(".", r"\.")):
+        ModelConfig.from_dict(d)
+    d = preset("tiny").to_dict()
+    apply_overrides(d, ["mamba.dt_clamp_max=none", "init_std=1", "mamba.dt_clamp_max=2"])
+    assert ModelConfig.from_dict(d).mamba.dt_clamp_max == 2
+
+
+def test_allocation_refuses_rounding_past_the_total():
+    with pytest.raises(HybridctlError, match="cannot hold 2 attention \\+ 2 MLP"):
+        allocate_pattern(3, 0.5, 0.5)

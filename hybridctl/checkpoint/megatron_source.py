@@ -19,7 +19,8 @@ from hybridctl.checkpoint.megatron_keys import EXTRA_STATE, Entry, Split, all_en
 from hybridctl.config import HybridctlError
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_REPLICATED = ("layer_norm_weight", "final_norm.weight", "input_layernorm.weight", "pre_mlp_layernorm.weight")
+_REPLICATED = ("layer_norm_weight", "final_norm.weight", "final_layernorm.weight", "input_layernorm.weight",
+               "pre_mlp_layernorm.weight")
 _DIM1 = ("out_proj.weight", "linear_proj.weight", "linear_fc2.weight")
 TOKENIZER_FILES = ("hybridctl_tokenizer.json", "tokenizer.json", "tokenizer.model")
 
