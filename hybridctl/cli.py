@@ -59,7 +59,7 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             typer.echo("hybridctl: interrupted", err=True)
             raise typer.Exit(130) from None
-        except Exception as e:  # noqa: BLE001 - the CLI boundary
+        except BaseException as e:  # noqa: BLE001 - the CLI boundary (some libraries raise BaseException subclasses)
             if os.environ.get("HYBRIDCTL_DEBUG") == "1":
                 raise
             if isinstance(e, HybridctlError):

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from hybridctl import kernels
+from hybridctl.parallel import resolve_device
 from hybridctl.config import HybridctlError
 from hybridctl.sampling import SamplingParams, sample
 
@@ -92,9 +93,9 @@ def _resolve_model(model_or_path: Any, tokenizer: Any, device: str | None, dtype
 
     if isinstance(model_or_path, torch.nn.Module):
         dev = next(model_or_path.parameters()).device
-        if device is not None and torch.device(device) != dev:
-            model_or_path = model_or_path.to(device)
-            dev = torch.device(device)
+        if device is not None and resolve_device(device) != dev:
+            dev = resolve_device(device)
+            model_or_path = model_or_path.to(dev)
         if dtype is not None:
             model_or_path = model_or_path.to(torch_dtype(dtype))
         if isinstance(tokenizer, str):
@@ -104,9 +105,7 @@ def _resolve_model(model_or_path: Any, tokenizer: Any, device: str | None, dtype
         return model_or_path.eval(), tokenizer, dev
     if not isinstance(model_or_path, (str, Path, Source)):
         raise HybridctlError(f"generate: expected a model or a checkpoint path, got {type(model_or_path).__name__}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HybridctlError(f"device {device!r} requested but CUDA is not available")
+    dev = resolve_device(device)
     model, src = load_model(model_or_path, device=dev, dtype=torch_dtype(dtype) if dtype else None)
     if tokenizer is not None and not isinstance(tokenizer, str):
         tok = tokenizer

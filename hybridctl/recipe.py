@@ -108,9 +108,11 @@ class OptimSection:
             raise HybridctlError(f"optim.schedule: must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise HybridctlError(f"optim.min_lr: need 0 <= min_lr <= lr and lr > 0, got {self.min_lr}, {self.lr}")
-        for name in ("beta1", "beta2", "decay_fraction"):
-            if not 0.0 <= getattr(self, name) < 1.0 + (name == "decay_fraction"):
-                raise HybridctlError(f"optim.{name}: out of range, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise HybridctlError(f"optim.{name}: must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise HybridctlError(f"optim.decay_fraction: must be in [0, 1], got {self.decay_fraction}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
             raise HybridctlError("optim.weight_decay / grad_clip must be >= 0 and optim.eps > 0")
 

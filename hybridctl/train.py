@@ -11,8 +11,8 @@ Run directory (``checkpoint.dir`` or ``--run-dir``)::
 
 A checkpoint is written into ``checkpoints/.step_N.tmp`` and renamed into place only once every rank has finished
 and ``complete.json`` is written; ``--resume auto`` takes the newest complete one and ignores anything else.
-DCP holds tensors only (no optimizer ``param_groups``, which the recipe re-creates), so loading one unpickles
-nothing but DCP's own ``.metadata``. Several nodes need the run directory on a shared filesystem (rank 0 publishes).
+DCP holds tensors only (no optimizer ``param_groups``, which the recipe re-creates); loading one unpickles nothing:
+``.metadata`` goes through an allowlist and object entries are refused (checkpoint/safe_pickle.py). Several nodes need the run directory on a shared filesystem (rank 0 publishes).
 The LR schedule is a pure function of the step, so the step is the scheduler's whole state.
 
 Losses: the token-mean cross-entropy over the global batch (labels -100 excluded) — each micro-batch's summed loss is
@@ -340,14 +340,20 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
     if info.is_main:
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": info.world_size}))
-        if final.exists():
-            shutil.rmtree(final)
+        old = root / f".step_{step:08d}.old"
+        if final.exists():  # replace without a moment where neither copy exists
+            shutil.rmtree(old, ignore_errors=True)
+            final.replace(old)
         tmp.replace(final)
         from hybridctl.checkpoint.io import atomic_write_text
 
         atomic_write_text(root / LATEST, final.name + "\n")
-        for old in sorted(d for d in root.glob("step_*") if _is_complete(d))[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        # checkpoints of later steps belong to an abandoned future (this run resumed from an earlier one): drop them,
+        # then keep the newest k up to this step
+        steps = sorted(d for d in root.glob("step_*") if d.is_dir())
+        for d in [d for d in steps if d.name > final.name] + [d for d in steps if d.name <= final.name][:-keep_last]:
+            shutil.rmtree(d, ignore_errors=True)
     parallel.barrier()
     return final
 
@@ -358,11 +364,18 @@ def load_checkpoint(ckpt: Path, model, optimizer, info: parallel.DistInfo) -> di
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from hybridctl.checkpoint.safe_pickle import SafeFileSystemReader, TensorOnlyLoadPlanner
+
     state, osd = _tensor_state(model, optimizer)
     try:
-        with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(ckpt))
-    except Exception as e:  # noqa: BLE001 - DCP raises many types for a mismatching plan
+        with _quiet_single_process():  # .metadata through an allowlist; object entries are refused, not unpickled
+            dcp.load(state, storage_reader=SafeFileSystemReader(ckpt), planner=TensorOnlyLoadPlanner())
+    except HybridctlError:
+        raise
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises many types (CheckpointException is
+        # a BaseException) for a mismatching plan or an unreadable file
         raise HybridctlError(f"{ckpt}: cannot restore this checkpoint into the recipe's model/optimizer "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     osd["state"] = state["optim"]
@@ -435,6 +448,7 @@ def train(*, recipe: Recipe, run_dir: str | Path | None = None, resume: str | No
 
     t0 = time.perf_counter()
     info = parallel.init_distributed(device)
+    recipe.grad_accum(info.world_size)  # fail now, not after building the model, if the batch does not divide
     kernels.set_backend(backend)
     run_dir = Path(run_dir or recipe.checkpoint.dir)
     _prepare_run_dir(run_dir, recipe, info)

@@ -285,3 +285,48 @@ def test_phonebook_recipe_reports_accuracy(tmp_path):
                                                            "logging.progress=false", "checkpoint.export=false"])
     res = train(recipe=r, run_dir=tmp_path / "pb", max_steps=2, progress=False)
     assert res.eval_accuracy is not None and 0.0 <= res.eval_accuracy <= 1.0
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
+    """A .metadata pickle that would execute code on load is refused; the marker file never appears."""
+    import os
+    import pickle
+
+    from hybridctl.train import find_checkpoint
+
+    rd = tmp_path / "run"
+    r = CliRunner().invoke(app, ["train", str(ROOT / "recipes" / "tiny.toml"), "--run-dir", str(rd), "--max-steps",
+                                 "1", "--set", "optim.steps=2", "--set", "data.seq_len=32", "--set",
+                                 "optim.micro_batch=2", "--set", "optim.global_batch=2", "--set", "eval.batches=1"])
+    assert r.exit_code == 0, r.output
+    ckpt = find_checkpoint(rd)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (ckpt / ".metadata").write_bytes(pickle.dumps(Evil()))
+    r = CliRunner().invoke(app, ["train", str(ROOT / "recipes" / "tiny.toml"), "--run-dir", str(rd), "--set",
+                                 "optim.steps=2", "--set", "data.seq_len=32", "--set", "optim.micro_batch=2",
+                                 "--set", "optim.global_batch=2", "--set", "eval.batches=1"])
+    assert r.exit_code == 1 and "hybridctl: error:" in r.stderr
+    assert not marker.exists()
+
+
+def test_resuming_from_an_older_checkpoint_abandons_the_later_ones(tmp_path):
+    from hybridctl.train import find_checkpoint
+
+    rd = tmp_path / "run"
+    common = ["--run-dir", str(rd), "--set", "optim.steps=6", "--set", "data.seq_len=32", "--set",
+              "optim.micro_batch=2", "--set", "optim.global_batch=2", "--set", "eval.batches=1", "--set",
+              "checkpoint.interval=3", "--set", "checkpoint.keep_last=2", "--set", "checkpoint.export=false"]
+    tiny = str(ROOT / "recipes" / "tiny.toml")
+    assert CliRunner().invoke(app, ["train", tiny, *common]).exit_code == 0
+    ckpts = rd / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000003", "step_00000006"]
+    r = CliRunner().invoke(app, ["train", tiny, *common, "--resume", str(ckpts / "step_00000003"), "--max-steps", "4"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000003", "step_00000004"]
+    assert find_checkpoint(rd).name == "step_00000004"
+    assert (ckpts / "latest").read_text().strip() == "step_00000004"

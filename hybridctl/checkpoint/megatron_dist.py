@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint import metadata as dcp_meta
-from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from hybridctl.checkpoint import Source, TensorSpec
 from hybridctl.checkpoint.io import atomic_dir, write_json
@@ -35,7 +35,7 @@ from hybridctl.checkpoint.megatron_keys import (
     EXTRA_STATE, Entry, Split, all_entries, dist_keys, dist_merge, dist_split, extra_state_keys,
 )
 from hybridctl.checkpoint.megatron_source import build_source, is_weight_key
-from hybridctl.checkpoint.safe_pickle import restricted_pickle_load, safe_torch_load
+from hybridctl.checkpoint.safe_pickle import SafeFileSystemReader, safe_torch_load
 from hybridctl.config import HybridctlError
 
 log = logging.getLogger(__name__)
@@ -48,46 +48,6 @@ IN_PROJ_PARTS, CONV_PARTS = ("z", "x", "B", "C", "dt"), ("x", "B", "C")
 
 def _parts_of(base: str) -> tuple[str, ...]:
     return IN_PROJ_PARTS if base.endswith("in_proj.weight") else CONV_PARTS
-
-
-def _metadata_allowlist() -> dict[str, Any]:
-    allowed: dict[str, Any] = {f"torch.distributed.checkpoint.metadata.{n}": getattr(dcp_meta, n) for n in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")}
-    allowed["torch.distributed.checkpoint.filesystem._StorageInfo"] = _StorageInfo
-    allowed["torch.Size"] = torch.Size
-    allowed["torch.serialization._get_layout"] = torch.serialization._get_layout
-    for name in dir(torch):
-        if isinstance(getattr(torch, name, None), torch.dtype):
-            allowed[f"torch.{name}"] = getattr(torch, name)
-    for name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
-        for mod in ("pathlib", "pathlib._local"):
-            allowed[f"{mod}.{name}"] = getattr(pathlib, name)
-    allowed["collections.OrderedDict"] = dict
-    return allowed
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """DCP reader whose ``.metadata`` is unpickled with an allowlist (DCP itself uses plain ``pickle.load``)."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self._metadata: dcp_meta.Metadata | None = None
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_meta.Metadata:
-        if self._metadata is None:
-            f = Path(self.path) / ".metadata"
-            if not f.is_file():
-                raise HybridctlError(f"{self.path}: no DCP .metadata file; the checkpoint is incomplete")
-            with f.open("rb") as fh:
-                md = restricted_pickle_load(fh, _metadata_allowlist(), where=str(f))
-            if not isinstance(md, dcp_meta.Metadata):
-                raise HybridctlError(f"{f}: not DCP metadata")
-            if getattr(md, "storage_meta", None) is None:
-                md.storage_meta = dcp_meta.StorageMeta()
-            self._metadata = md
-        self._metadata.storage_meta.load_id = self.load_id
-        return self._metadata
 
 
 class _RawBytesPlanner(DefaultLoadPlanner):
@@ -108,7 +68,8 @@ def _dcp_load(reader: SafeFileSystemReader, state: dict[str, Any], planner: Any 
             dcp.load(state, storage_reader=reader, planner=planner, no_dist=True)
     except HybridctlError:
         raise
-    except Exception as e:  # DCP wraps reader errors in CheckpointException; one clear line either way
+    except (Exception, CheckpointException) as e:  # DCP wraps reader errors in CheckpointException (a
+        # BaseException); one clear line either way
         msg = str(e).strip().splitlines()
         raise HybridctlError(f"{reader.path}: cannot read tensors ({msg[-1][:200] if msg else type(e).__name__}); "
                              "the checkpoint may be truncated or corrupt") from None

@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import metadata as dcp_meta
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from hybridctl.config import HybridctlError
 
@@ -171,3 +174,56 @@ def restricted_pickle_load(f: BinaryIO, allowed: dict[str, Any], *, where: str) 
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
         raise HybridctlError(f"{where}: unreadable or truncated pickle ({_short(e)})") from None
+
+
+# ---- torch.distributed.checkpoint without unpickling untrusted data ----------------------------------------------
+# DCP reads ``.metadata`` with plain ``pickle.load`` and object entries with full unpickling: a checkpoint written by
+# someone else could run code on load. These two pieces are what every DCP read in hybridctl goes through.
+
+def _metadata_allowlist() -> dict[str, Any]:
+    allowed: dict[str, Any] = {f"torch.distributed.checkpoint.metadata.{n}": getattr(dcp_meta, n) for n in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")}
+    allowed["torch.distributed.checkpoint.filesystem._StorageInfo"] = _StorageInfo
+    allowed["torch.Size"] = torch.Size
+    allowed["torch.serialization._get_layout"] = torch.serialization._get_layout
+    for name in dir(torch):
+        if isinstance(getattr(torch, name, None), torch.dtype):
+            allowed[f"torch.{name}"] = getattr(torch, name)
+    for name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
+        for mod in ("pathlib", "pathlib._local"):
+            allowed[f"{mod}.{name}"] = getattr(pathlib, name)
+    allowed["collections.OrderedDict"] = dict
+    return allowed
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP reader whose ``.metadata`` is unpickled with an allowlist (DCP itself uses plain ``pickle.load``)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._metadata: dcp_meta.Metadata | None = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_meta.Metadata:
+        if self._metadata is None:
+            f = Path(self.path) / ".metadata"
+            if not f.is_file():
+                raise HybridctlError(f"{self.path}: no DCP .metadata file; the checkpoint is incomplete")
+            with f.open("rb") as fh:
+                md = restricted_pickle_load(fh, _metadata_allowlist(), where=str(f))
+            if not isinstance(md, dcp_meta.Metadata):
+                raise HybridctlError(f"{f}: not DCP metadata")
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = dcp_meta.StorageMeta()
+            self._metadata = md
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
+
+
+
+class TensorOnlyLoadPlanner(DefaultLoadPlanner):
+    """A load planner that refuses object (pickled bytes) entries instead of unpickling them."""
+
+    def load_bytes(self, read_item: Any, value: Any) -> None:
+        raise HybridctlError(f"checkpoint entry {read_item.dest_index.fqn!r} is a pickled object where a tensor was "
+                             "expected; refusing to unpickle it")
