@@ -403,10 +403,8 @@ def preset_dict(name: str) -> dict[str, Any]:
 
 
 def dtype_bytes(dtype: str) -> int:
-    sizes = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "float64": 8}
-    if dtype not in sizes:
-        raise HybridctlError(f"dtype {dtype!r} is unknown; use one of float32, bfloat16, float16")
-    return sizes[dtype]
+    """Bytes per element of a dtype name (any alias canonical_dtype accepts)."""
+    return {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}[canonical_dtype(dtype)]
 
 
 DTYPES = ("float32", "bfloat16", "float16")

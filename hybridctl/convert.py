@@ -67,6 +67,30 @@ def _check_options(to: str, out: Path | None, src: Path, dry_run: bool, overwrit
         raise HybridctlError("--megatron-keys applies only to --to megatron-legacy")
 
 
+def _check_source_options(fmt: str, src: Path, iteration: int | str | None, trust_pickle: bool) -> None:
+    """--iteration / --trust-pickle mean something only for Megatron sources; refuse them for others rather than
+    ignore them (the format is known by now, from the files' contents)."""
+    if fmt == "megatron":
+        return
+    given = [o for o, v in (("--iteration", iteration is not None), ("--trust-pickle", trust_pickle)) if v]
+    if given:
+        raise HybridctlError(f"{' and '.join(given)} apply only to Megatron checkpoints; {src} is a {fmt} "
+                             "checkpoint")
+
+
+def _write_units(to: str, final: Any, n_tensors: int, tp: int, pp: int, megatron_keys: str) -> int:
+    """How many times the writer for ``to`` calls progress(1): the progress bar's total."""
+    if to == "megatron":
+        from hybridctl.checkpoint.megatron import count_writes_dist
+
+        return count_writes_dist(final)
+    if to == "megatron-legacy":
+        from hybridctl.checkpoint.megatron import count_writes
+
+        return count_writes(final, tp=tp, pp=pp, keys=megatron_keys)
+    return n_tensors  # native and hf: one tick per written tensor
+
+
 def _auto_vocab(source: Any, to: str, vocab_size: int | None, notes: list[str]) -> int | None:
     """Megatron pads the vocab; exporting such a checkpoint strips the padding to the tokenizer's size — said out
     loud in the notes, never silently. An explicit --vocab-size always wins."""
@@ -107,7 +131,7 @@ def convert(*, src: str | Path, to: str, out: str | Path | None, dtype: str | No
             iteration: int | str | None = None, trust_pickle: bool = False, vocab_size: int | None = None,
             overwrite: bool = False, progress: bool = True, dry_run: bool = False) -> ConvertResult:
     """Convert the checkpoint at ``src`` to format ``to`` in ``out``; returns what was (or would be) written."""
-    from hybridctl.checkpoint import open_checkpoint
+    from hybridctl.checkpoint import detect_format, open_checkpoint, specs_nbytes
     from hybridctl.checkpoint.hf import plan_hf, strip_vocab, write_hf
     from hybridctl.checkpoint.io import parse_size
     from hybridctl.checkpoint.native import dtype_name, torch_dtype, write_native
@@ -117,18 +141,19 @@ def convert(*, src: str | Path, to: str, out: str | Path | None, dtype: str | No
     _check_options(to, out, src, dry_run, overwrite, hf_arch, tp, pp, megatron_keys)
     tdtype = torch_dtype(dtype) if dtype else None
     parse_size(shard_size)  # validate early
+    _check_source_options(detect_format(src), src, iteration, trust_pickle)
     source = open_checkpoint(src, iteration=iteration, trust_pickle=trust_pickle)
     notes = list(source.info.get("notes", []))
     vocab_size = _auto_vocab(source, to, vocab_size, notes)
     arch, files = None, []
     if to == "hf":
         plan, stripped = plan_hf(source, arch=hf_arch, dtype=tdtype, vocab_size=vocab_size)
-        arch, n_tensors, nbytes = plan.arch, len(plan.specs), plan.nbytes
+        arch, n_tensors, nbytes = plan.arch, len(plan.specs), specs_nbytes(plan.specs)
         notes += plan.notes
         if not dry_run:
             with _progress(n_tensors, progress, "convert → hf") as bar:
-                plan = write_hf(out, source, arch=hf_arch, dtype=tdtype, max_shard_size=shard_size,
-                                vocab_size=vocab_size, overwrite=overwrite, progress=bar.update)
+                plan = write_hf(out, stripped, max_shard_size=shard_size, overwrite=overwrite, progress=bar.update,
+                                plan=plan)
             files = plan.files
         final = stripped
     else:
@@ -136,16 +161,18 @@ def convert(*, src: str | Path, to: str, out: str | Path | None, dtype: str | No
         if "vocab_stripped_from" in final.info and to == "native":
             notes.append(f"vocab: {final.info['vocab_stripped_from']} → {vocab_size} rows (padding removed)")
         n_tensors = len(final.specs)
-        nbytes = sum(s.numel() * s.element_size() for s in _meta(final, tdtype))
+        nbytes = specs_nbytes(final.specs, tdtype)
         writer = _megatron_writer(to) if to != "native" else None
         if writer is not None and tdtype is not None:  # the Megatron writers store what get() returns
             final = _cast(final, tdtype)
         if not dry_run:
-            with _progress(n_tensors, progress, f"convert → {to}") as bar:
+            total = _write_units(to, final, n_tensors, tp, pp, megatron_keys)
+            with _progress(total, progress, f"convert → {to}") as bar:
                 if to == "native":
                     write_native(out, config=final.config, specs=final.specs, get=final.get, dtype=tdtype,
                                  tokenizer_dir=final.tokenizer_dir, max_shard_size=shard_size, overwrite=overwrite,
-                                 extra={"converted_from": source.format}, progress=bar.update)
+                                 extra={"converted_from": source.format}, progress=bar.update,
+                                 validated=final.validated)
                 elif to == "megatron":
                     writer(out, final, overwrite=overwrite, progress=bar.update)
                 else:
@@ -167,9 +194,3 @@ def _cast(src: Any, dtype: Any) -> Any:
     get = src.get
     return dataclasses.replace(src, specs={k: (s, dtype) for k, (s, _) in src.specs.items()},
                                get=lambda name: get(name).to(dtype))
-
-
-def _meta(src: Any, dtype: Any) -> list[Any]:
-    import torch
-
-    return [torch.empty(s, dtype=dtype or d, device="meta") for s, d in src.specs.values()]

@@ -59,6 +59,8 @@ def test_cli_dry_run_writes_nothing(tmp_path, native):
     (["--to", "hf"], "--out is required"),
     (["--to", "hf", "--out", "X", "--vocab-size", "100"], "cannot cut real tokens"),
     (["--to", "hf", "--out", "X", "--dtype", "int3"], "dtype 'int3' is unknown"),
+    (["--to", "hf", "--out", "X", "--iteration", "5"], "--iteration apply only to Megatron checkpoints"),
+    (["--to", "native", "--out", "X", "--trust-pickle"], "--trust-pickle apply only to Megatron checkpoints"),
 ])
 def test_cli_errors_are_one_line(tmp_path, native, args, match):
     args = [str(tmp_path / a) if a == "X" else a for a in args]
@@ -91,3 +93,51 @@ def test_cli_megatron_target_dispatches_or_says_unavailable(tmp_path, native):
     else:
         assert r.exit_code == 0, r.output
         assert (tmp_path / "mg").is_dir()
+
+
+@pytest.mark.parametrize("to, extra", [("native", {}), ("hf", {}), ("megatron", {}), ("megatron-legacy", {"pp": 3})])
+def test_progress_total_matches_writer_ticks(tmp_path, native, monkeypatch, to, extra):
+    """The bar's total is what the writer ticks (Megatron writers tick per entry, legacy per entry per rank)."""
+    import contextlib
+
+    from hybridctl import convert as convert_mod
+
+    seen = {}
+
+    @contextlib.contextmanager
+    def fake_progress(total, enabled, desc):
+        class Bar:
+            n = 0
+
+            def update(self, k=1):
+                Bar.n += k
+
+        yield Bar()
+        seen.update(total=total, ticks=Bar.n)
+
+    monkeypatch.setattr(convert_mod, "_progress", fake_progress)
+    convert_mod.convert(src=native, to=to, out=tmp_path / "o", **extra)
+    assert seen["total"] == seen["ticks"] > 0
+
+
+def test_convert_to_hf_loads_tokenizer_and_checks_plan_once(tmp_path, native, monkeypatch):
+    import hybridctl.model
+    import hybridctl.tokenizer
+    from hybridctl.convert import convert
+
+    calls = {"tok": 0, "meta": 0}
+    load, build = hybridctl.tokenizer.load_tokenizer, hybridctl.model.build_model
+
+    def counting_load(*a, **k):
+        calls["tok"] += 1
+        return load(*a, **k)
+
+    def counting_build(*a, **k):
+        calls["meta"] += 1
+        return build(*a, **k)
+
+    monkeypatch.setattr(hybridctl.tokenizer, "load_tokenizer", counting_load)
+    monkeypatch.setattr(hybridctl.model, "build_model", counting_build)
+    res = convert(src=native, to="hf", out=tmp_path / "hf", vocab_size=299, progress=False)
+    assert res.vocab_size == 299 and "tokenizer.json" in res.files
+    assert calls == {"tok": 1, "meta": 1}  # the tokenizer once (plan_hf), the spec check once (open_native)

@@ -403,3 +403,17 @@ def test_remote_code_style_nemotron_config_reads(tmp_path):
     assert "Infinity]" in (hf / "config.json").read_text()
     src = open_hf(hf)
     assert src.config.pattern == "*-M-M" and src.config.head_dim == 24
+
+
+def test_write_hf_accepts_the_plan_it_was_given(tmp_path):
+    model = _model(next(iter(CONFIGS)), seed=2)
+    src = open_checkpoint(_save_native(model, tmp_path / "n"))
+    a = write_hf(tmp_path / "a", src, vocab_size=259)
+    plan, stripped = plan_hf(src, vocab_size=259)
+    b = write_hf(tmp_path / "b", stripped, plan=plan)
+    assert b is plan and a.files == b.files and a.config == b.config
+    ra, rb = SafetensorsReader(tmp_path / "a"), SafetensorsReader(tmp_path / "b")
+    assert ra.keys() == rb.keys() and all(torch.equal(ra.get(k), rb.get(k)) for k in ra.keys())
+    with pytest.raises(HybridctlError, match="pass the source plan_hf returned"):
+        write_hf(tmp_path / "c", src, plan=plan)  # the unstripped source does not fit the plan
+    assert not (tmp_path / "c").exists()

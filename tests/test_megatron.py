@@ -296,6 +296,18 @@ def test_roundtrip_legacy(tmp_path, native_300, tp, pp):
     assert_matches(back, {k: native_300.get(k) for k in native_300.specs}, f"tp{tp} pp{pp}")
 
 
+@pytest.mark.parametrize("tp,pp,keys", [(2, 2, "current"), (4, 1, "2024")])
+def test_count_writes_matches_progress_ticks(tmp_path, native_300, tp, pp, keys):
+    from hybridctl.checkpoint.megatron import count_writes, count_writes_dist, write_megatron_dist
+
+    ticks = []
+    write_megatron_legacy(tmp_path / "leg", native_300, tp=tp, pp=pp, keys=keys, progress=ticks.append)
+    assert len(ticks) == count_writes(native_300, tp=tp, pp=pp, keys=keys)
+    ticks.clear()
+    write_megatron_dist(tmp_path / "dist", native_300, progress=ticks.append)
+    assert len(ticks) == count_writes_dist(native_300)
+
+
 def test_roundtrip_legacy_2024_keys_and_tied(tmp_path):
     cfg = make_config(vocab=256, tie=True, act="relu2")
     save_model(make_model(cfg), tmp_path / "n")

@@ -110,3 +110,33 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     save_model(make(tiny_config()), tmp_path / "out")
     with pytest.raises(HybridctlError, match="already exists"):
         save_model(make(tiny_config()), tmp_path / "out")
+
+
+def test_specs_checked_once_per_source(tmp_path, monkeypatch):
+    """Readers validate on open; load_model skips the repeat for a validated Source but checks an unvalidated one."""
+    import dataclasses
+
+    import hybridctl.model
+
+    out = save_model(make(tiny_config()), tmp_path / "ck")
+    src = open_checkpoint(out)
+    assert src.validated
+    built = []
+    build = hybridctl.model.build_model
+    monkeypatch.setattr(hybridctl.model, "build_model", lambda *a, **k: built.append(1) or build(*a, **k))
+    load_model(src)
+    assert len(built) == 1  # the model itself; no meta model for the check
+    bad = dataclasses.replace(src, specs={k: v for k, v in src.specs.items() if k != "embed.weight"}, validated=False)
+    with pytest.raises(HybridctlError, match="missing tensor 'embed.weight'"):
+        load_model(bad)
+
+
+def test_specs_nbytes_and_dtype_bytes():
+    from hybridctl.checkpoint import specs_nbytes
+    from hybridctl.config import dtype_bytes
+
+    specs = {"a": ((2, 3), torch.float32), "b": ((4,), torch.bfloat16)}
+    assert specs_nbytes(specs) == 2 * 3 * 4 + 4 * 2 and specs_nbytes(specs, torch.float16) == 10 * 2
+    assert [dtype_bytes(d) for d in ("fp32", "bf16", "half", "float64")] == [4, 2, 2, 8]
+    with pytest.raises(HybridctlError, match="dtype 'int3' is unknown"):
+        dtype_bytes("int3")

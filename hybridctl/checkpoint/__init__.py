@@ -35,15 +35,19 @@ class Source:
     get: Callable[[str], torch.Tensor]  # native name → tensor, native layout
     tokenizer_dir: Path | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # True once check_specs passed for (config, specs): readers validate where they open, so load_model / plan_hf /
+    # the writers need not rebuild the meta model again for the same plan.
+    validated: bool = False
 
     @property
     def dtype(self) -> torch.dtype:
         """The dominant stored dtype (of the largest tensor)."""
         return max(self.specs.values(), key=lambda s: _numel(s[0]))[1]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(_numel(s) * torch.empty((), dtype=d).element_size() for s, d in self.specs.values())
+
+def specs_nbytes(specs: dict[str, TensorSpec], dtype: torch.dtype | None = None) -> int:
+    """Bytes the tensors of a plan take, stored in their own dtype (or all in ``dtype``)."""
+    return sum(_numel(s) * (dtype or d).itemsize for s, d in specs.values())
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -128,6 +132,14 @@ def check_specs(config: ModelConfig, specs: dict[str, TensorSpec], where: str) -
             raise HybridctlError(f"{where}: {k} has shape {tuple(specs[k][0])}, the config implies {shape}")
 
 
+def ensure_valid(src: Source) -> Source:
+    """check_specs once per Source: a no-op when the reader (or an earlier caller) already validated it."""
+    if not src.validated:
+        check_specs(src.config, src.specs, str(src.path))
+        src.validated = True
+    return src
+
+
 def load_model(path: str | Path | Source, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                **options: Any):
     """Load any readable checkpoint into a HybridLM: build on meta → check the plan strictly → load with assign.
@@ -137,7 +149,7 @@ def load_model(path: str | Path | Source, *, device: str | torch.device = "cpu",
     from hybridctl.model import build_model
 
     src = path if isinstance(path, Source) else open_checkpoint(path, **options)
-    check_specs(src.config, src.specs, str(src.path))
+    ensure_valid(src)
     dtype = dtype or src.dtype
     model = build_model(src.config)
     sd = {name: src.get(name).to(device=device, dtype=dtype) for name in src.specs}

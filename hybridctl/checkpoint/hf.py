@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
-from hybridctl.checkpoint import Source, TensorSpec, _read_json, check_specs
-from hybridctl.checkpoint.io import SafetensorsReader, atomic_dir, copy_files, write_json, write_sharded
+from hybridctl.checkpoint import Source, TensorSpec, _read_json, check_specs, ensure_valid
+from hybridctl.checkpoint.io import (SafetensorsReader, atomic_dir, copy_files, find_tokenizer_dir, write_json,
+                                     write_sharded)
 from hybridctl.checkpoint.keymaps import (HF_BACKBONE, HF_MLP_ACT, HF_MLP_ACT_INV, HF_MODEL_PREFIX, MAMBA_SSM,
                                           NEMOTRON_BLOCK_SYMBOLS, NEMOTRON_BLOCK_TYPES, KeyMap)
 from hybridctl.config import ATTENTION, MAMBA, MLP, HybridctlError, ModelConfig, parse_pattern
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 ARCHS = ("auto", "nemotron_h", "mamba2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "hybridctl_tokenizer.json")
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 _INIT_FIELDS = ("dt_min", "dt_max", "dt_init_floor", "A_init_min", "A_init_max")
 
 
@@ -280,10 +280,10 @@ class _STReader:
         return self._r.keys()
 
     def spec(self, name: str) -> TensorSpec:
-        st = self._r.dtype(name)
-        if st not in _ST_DTYPES:
-            raise HybridctlError(f"{self._r.dir}: tensor {name!r} has unsupported dtype {st}")
-        return self._r.shape(name), _ST_DTYPES[st]
+        shape, dt = self._r.spec(name)
+        if not dt.is_floating_point:  # HF model weights are floating point; integer tensors are not weights
+            raise HybridctlError(f"{self._r.dir}: tensor {name!r} has unsupported dtype {self._r.dtype(name)}")
+        return shape, dt
 
 
 def _open_weights(path: Path) -> _STReader | _BinReader:
@@ -360,11 +360,6 @@ def _decide_tie(kind: str, config_tied: bool, names: dict[str, str], weights: An
     return False
 
 
-def _tokenizer_dir(path: Path) -> Path | None:
-    return path if any((path / n).is_file() for n in ("hybridctl_tokenizer.json", "tokenizer.json",
-                                                      "tokenizer.model")) else None
-
-
 def open_hf(path: str | Path, **_: Any) -> Source:
     """Open a NemotronH / Mamba2ForCausalLM / mamba_ssm MambaLMHeadModel directory as a Source (native names).
 
@@ -402,8 +397,8 @@ def open_hf(path: str | Path, **_: Any) -> Source:
         log.info("%s: %s", where, n)
     info = {"hf_arch": kind, "notes": notes, "tie_word_embeddings_config": config_tied,
             "token_ids": {k: c.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
-    return Source(fmt, path, cfg, specs, lambda n: weights.get(names[n]), tokenizer_dir=_tokenizer_dir(path),
-                  info=info)
+    return Source(fmt, path, cfg, specs, lambda n: weights.get(names[n]), tokenizer_dir=find_tokenizer_dir(path),
+                  info=info, validated=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -430,7 +425,9 @@ def strip_vocab(src: Source, vocab_size: int) -> Source:
         return t[:vocab_size] if name in rows else t
 
     info = dict(src.info, vocab_stripped_from=v)
-    return Source(src.format, src.path, src.config.replace(vocab_size=vocab_size), specs, get, src.tokenizer_dir, info)
+    # Only the vocab rows of embed/lm_head change, consistently with the config: a validated source stays valid.
+    return Source(src.format, src.path, src.config.replace(vocab_size=vocab_size), specs, get, src.tokenizer_dir, info,
+                  validated=src.validated)
 
 
 @dataclass
@@ -444,10 +441,7 @@ class HFPlan:
     notes: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     out: Path | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for s, d in self.specs.values())
+    tokenizer: Any = field(default=None, repr=False)  # loaded once by plan_hf, written by write_hf
 
 
 def resolve_arch(cfg: ModelConfig, arch: str) -> str:
@@ -531,7 +525,7 @@ def _mamba2_config(cfg: ModelConfig) -> dict[str, Any]:
 def plan_hf(src: Source, *, arch: str = "auto", dtype: torch.dtype | None = None,
             vocab_size: int | None = None) -> tuple[HFPlan, Source]:
     """Validate an export and describe it without writing: (plan, the source after vocab stripping)."""
-    check_specs(src.config, src.specs, str(src.path))
+    ensure_valid(src)
     notes: list[str] = []
     if vocab_size is not None:
         src = strip_vocab(src, vocab_size)
@@ -556,7 +550,7 @@ def plan_hf(src: Source, *, arch: str = "auto", dtype: torch.dtype | None = None
         notes.append("tied embeddings: lm_head.weight written as a copy of the embedding (NemotronH never re-ties)")
     native_names = {HF_BACKBONE.to_foreign(n): n for n in keep}
     specs = {h: (tuple(keep[n][0]), dtype or keep[n][1]) for h, n in native_names.items()}
-    return HFPlan(arch, config, specs, native_names, notes), src
+    return HFPlan(arch, config, specs, native_names, notes, tokenizer=tok), src
 
 
 def _byte_tokenizer_json(tok: Any, out: Path) -> None:
@@ -595,11 +589,18 @@ def _write_tokenizer(src: Source, tok: Any, out: Path) -> None:
 
 def write_hf(out: str | Path, src: Source, *, arch: str = "auto", dtype: torch.dtype | None = None,
              max_shard_size: str | int = "5GB", vocab_size: int | None = None, overwrite: bool = False,
-             progress: Callable[[int], None] | None = None) -> HFPlan:
+             progress: Callable[[int], None] | None = None, plan: HFPlan | None = None) -> HFPlan:
     """Write ``src`` as a Hugging Face directory (config.json, sharded safetensors + index, tokenizer files),
-    atomically and tensor by tensor. arch: auto | nemotron_h | mamba2. Returns the plan with ``files`` and ``out``."""
-    plan, src = plan_hf(src, arch=arch, dtype=dtype, vocab_size=vocab_size)
-    ids, tok = _token_ids(src)
+    atomically and tensor by tensor. arch: auto | nemotron_h | mamba2. Returns the plan with ``files`` and ``out``.
+
+    plan: a plan already made by ``plan, src = plan_hf(...)`` — pass that returned (vocab-stripped) ``src`` too;
+    arch, dtype and vocab_size are then taken from the plan and nothing is validated or loaded twice."""
+    if plan is None:
+        plan, src = plan_hf(src, arch=arch, dtype=dtype, vocab_size=vocab_size)
+    elif plan.config.get("vocab_size") != src.config.vocab_size:
+        raise HybridctlError(f"write_hf: the plan is for vocab {plan.config.get('vocab_size')}, the source has "
+                             f"{src.config.vocab_size} rows; pass the source plan_hf returned")
+    tok = plan.tokenizer
     out = Path(out)
 
     def get(hf_name: str) -> torch.Tensor:

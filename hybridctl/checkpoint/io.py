@@ -24,6 +24,11 @@ from hybridctl.config import HybridctlError
 log = logging.getLogger(__name__)
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# safetensors dtype tags → torch dtypes: the stored dtypes hybridctl reads
+ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+             "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8}
+# any one of these marks a directory holding a tokenizer hybridctl.tokenizer.load_tokenizer reads
+TOKENIZER_MARKERS = ("hybridctl_tokenizer.json", "tokenizer.json", "tokenizer.model")
 
 
 @contextlib.contextmanager
@@ -164,6 +169,13 @@ class SafetensorsReader:
     def dtype(self, name: str) -> str:
         return self._handles[self._files[name]].get_slice(name).get_dtype()
 
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, torch dtype) of a stored tensor; an unsupported dtype is an error naming the tensor."""
+        st = self.dtype(name)
+        if st not in ST_DTYPES:
+            raise HybridctlError(f"{self.dir}: tensor {name!r} has unsupported dtype {st}")
+        return self.shape(name), ST_DTYPES[st]
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self._files:
             raise HybridctlError(f"{self.dir}: tensor {name!r} not found")
@@ -171,9 +183,6 @@ class SafetensorsReader:
             return self._handles[self._files[name]].get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise HybridctlError(f"{self.dir / self._files[name]}: cannot read {name!r} ({e})") from None
-
-    def total_bytes(self) -> int:
-        return sum((self.dir / f).stat().st_size for f in self._handles)
 
 
 def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:
@@ -184,3 +193,19 @@ def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:
             shutil.copy2(src / n, dst / n)
             done.append(n)
     return done
+
+
+def find_tokenizer_dir(*dirs: Path) -> Path | None:
+    """The first of ``dirs`` holding tokenizer files (TOKENIZER_MARKERS), or None."""
+    return next((d for d in dirs if any((d / f).is_file() for f in TOKENIZER_MARKERS)), None)
+
+
+def carry_tokenizer(tokenizer_dir: Path | None, out: Path) -> str | None:
+    """Save the tokenizer found in ``tokenizer_dir`` into ``out`` (hybridctl's own files); returns its kind."""
+    if tokenizer_dir is None:
+        return None
+    from hybridctl.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    tok.save(out)
+    return tok.kind

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from hybridctl.checkpoint import Source
-from hybridctl.checkpoint.megatron_dist import is_dist_dir, open_dist, write_megatron_dist
-from hybridctl.checkpoint.megatron_legacy import TRACKER, is_legacy_dir, open_legacy, write_megatron_legacy
+from hybridctl.checkpoint.megatron_dist import count_writes_dist, is_dist_dir, open_dist, write_megatron_dist
+from hybridctl.checkpoint.megatron_legacy import (TRACKER, count_writes, is_legacy_dir, open_legacy,
+                                                  write_megatron_legacy)
 from hybridctl.config import HybridctlError
 
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
@@ -72,4 +73,5 @@ def open_megatron(path: str | Path, *, iteration: int | str | None = None, trust
     raise HybridctlError(f"{d}: neither a torch_dist checkpoint (metadata.json) nor legacy rank files (mp_rank_*)")
 
 
-__all__ = ["open_megatron", "write_megatron_dist", "write_megatron_legacy", "resolve_iteration_dir"]
+__all__ = ["open_megatron", "write_megatron_dist", "write_megatron_legacy", "resolve_iteration_dir",
+           "count_writes", "count_writes_dist"]

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner,
 from torch.distributed.checkpoint import metadata as dcp_meta
 
 from hybridctl.checkpoint import Source, TensorSpec
-from hybridctl.checkpoint.io import atomic_dir, write_json
+from hybridctl.checkpoint.io import atomic_dir, carry_tokenizer, write_json
 from hybridctl.checkpoint.megatron_args import args_from_config, padded_vocab
 from hybridctl.checkpoint.megatron_keys import (
     EXTRA_STATE, Entry, Split, all_entries, dist_keys, dist_merge, dist_split, extra_state_keys,
@@ -247,11 +247,13 @@ def write_megatron_dist(out: str | Path, src: Source, *, overwrite: bool = False
         write_json(d / METADATA_JSON, {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                                        "common_backend": "torch", "common_backend_version": 1})
         (tmp / "latest_checkpointed_iteration.txt").write_text("release")
-        if src.tokenizer_dir is not None:
-            from hybridctl.tokenizer import load_tokenizer
-
-            load_tokenizer(src.tokenizer_dir).save(tmp)
+        carry_tokenizer(src.tokenizer_dir, tmp)
     return out
+
+
+def count_writes_dist(src: Source) -> int:
+    """Progress units of write_megatron_dist (one per Megatron entry), for sizing a progress bar."""
+    return len(all_entries(src.config, padded_vocab(src.config.vocab_size, 1), style="dist"))
 
 
 def _stored_dtype(src: Source, e: Entry) -> torch.dtype:

@@ -91,13 +91,6 @@ def tp_merge(parts: list[Tensor], split: Split | None) -> Tensor:
                      dim=split.dim)
 
 
-def local_shape(entry: Entry, tp: int) -> tuple[int, ...]:
-    shape = list(entry.shape)
-    if entry.split is not None:
-        shape[entry.split.dim] //= tp
-    return tuple(shape)
-
-
 # ---- torch_dist component keys -------------------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from hybridctl.checkpoint import Source, TensorSpec
-from hybridctl.checkpoint.io import atomic_dir
+from hybridctl.checkpoint.io import atomic_dir, carry_tokenizer
 from hybridctl.checkpoint.megatron_args import args_from_config, padded_vocab
 from hybridctl.checkpoint.megatron_keys import (
     EXTRA_STATE, KEY_STYLES, Entry, Split, embedding_entries, extra_state_keys, head_entries, layer_entries,
@@ -204,22 +204,15 @@ def write_megatron_legacy(out: str | Path, src: Source, *, tp: int = 1, pp: int 
                            f)
                 del model
         (tmp / TRACKER).write_text("release")
-        _save_tokenizer(src, tmp)
+        carry_tokenizer(src.tokenizer_dir, tmp)
     return out
 
 
-def _save_tokenizer(src: Source, directory: Path) -> None:
-    if src.tokenizer_dir is not None:
-        from hybridctl.tokenizer import load_tokenizer
-
-        load_tokenizer(src.tokenizer_dir).save(directory)
-
-
-def count_writes(src: Source, *, tp: int, pp: int) -> int:
-    """Progress units of write_megatron_legacy (one per tensor per rank)."""
+def count_writes(src: Source, *, tp: int = 1, pp: int = 1, keys: str = "current") -> int:
+    """Progress units of write_megatron_legacy (one per entry per rank), for sizing a progress bar."""
     cfg = src.config
     padded = padded_vocab(cfg.vocab_size, tp)
-    return tp * sum(len(_stage_entries(cfg, s, pp, padded, "current")[0]) for s in range(pp))
+    return tp * sum(len(_stage_entries(cfg, s, pp, padded, keys)[0]) for s in range(pp))
 
 
 __all__ = ["open_legacy", "write_megatron_legacy", "is_legacy_dir", "TRACKER", "RANK_FILE", "EXTRA_STATE"]

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from hybridctl.checkpoint import Source, TensorSpec, check_specs
+from hybridctl.checkpoint.io import find_tokenizer_dir
 from hybridctl.checkpoint.megatron_args import HYBRIDCTL_VOCAB_ARG, config_from_args, unpadded_vocab
 from hybridctl.checkpoint.megatron_keys import EXTRA_STATE, Entry, Split, all_entries, layer_kind_of_keys
 from hybridctl.config import HybridctlError
@@ -22,7 +23,6 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _REPLICATED = ("layer_norm_weight", "final_norm.weight", "final_layernorm.weight", "input_layernorm.weight",
                "pre_mlp_layernorm.weight")
 _DIM1 = ("out_proj.weight", "linear_proj.weight", "linear_fc2.weight")
-TOKENIZER_FILES = ("hybridctl_tokenizer.json", "tokenizer.json", "tokenizer.model")
 
 
 def tp_dim_of_key(key: str) -> int | None:
@@ -124,5 +124,5 @@ def build_source(fmt: str, path: Path, args: Any, mspecs: dict[str, TensorSpec],
         notes.append(f"vocab: {cfg.vocab_size} rows kept (Megatron padding); the args give {unp} real tokens "
                      f"(--vocab-size {unp} strips the padding)")
     info["notes"] = notes
-    tok = next((d for d in search_dirs if any((d / f).is_file() for f in TOKENIZER_FILES)), None)
-    return Source(fmt, path, cfg, specs, get, tokenizer_dir=tok, info=info)
+    return Source(fmt, path, cfg, specs, get, tokenizer_dir=find_tokenizer_dir(*search_dirs), info=info,
+                  validated=True)

@@ -6,7 +6,6 @@ config.json = {"format": "hybridctl", "format_version": 1, "dtype": "...", "mode
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,14 +13,12 @@ from typing import Any
 import torch
 
 from hybridctl.checkpoint import Source, TensorSpec, _read_json, check_specs
-from hybridctl.checkpoint.io import SafetensorsReader, atomic_dir, write_json, write_sharded
+from hybridctl.checkpoint.io import SafetensorsReader, atomic_dir, carry_tokenizer, write_json, write_sharded
 from hybridctl.config import HybridctlError, ModelConfig
 
 FORMAT_NAME = "hybridctl"
 FORMAT_VERSION = 1
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8}
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -37,12 +34,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 def write_native(out: str | Path, *, config: ModelConfig, specs: dict[str, TensorSpec],
                  get: Callable[[str], torch.Tensor], dtype: torch.dtype | None = None, tokenizer: Any = None,
                  tokenizer_dir: Path | None = None, max_shard_size: str | int = "5GB", overwrite: bool = False,
-                 extra: dict[str, Any] | None = None, progress: Callable[[int], None] | None = None) -> Path:
+                 extra: dict[str, Any] | None = None, progress: Callable[[int], None] | None = None,
+                 validated: bool = False) -> Path:
     """Write a native checkpoint atomically, streaming tensors from ``get``.
 
     tokenizer: an object with ``save(dir)`` (hybridctl.tokenizer), or tokenizer_dir: files copied from there.
+    validated: (config, specs) already passed check_specs (e.g. ``Source.validated``); skips the repeat.
     """
-    check_specs(config, specs, "write_native")
+    if not validated:
+        check_specs(config, specs, "write_native")
     out = Path(out)
     out_specs = {k: (shape, dtype or dt) for k, (shape, dt) in specs.items()}
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -51,12 +51,8 @@ def write_native(out: str | Path, *, config: ModelConfig, specs: dict[str, Tenso
         if tokenizer is not None:
             tokenizer.save(tmp)
             kind = getattr(tokenizer, "kind", None)
-        elif tokenizer_dir is not None:
-            from hybridctl.tokenizer import load_tokenizer
-
-            tok = load_tokenizer(tokenizer_dir)
-            tok.save(tmp)
-            kind = tok.kind
+        else:
+            kind = carry_tokenizer(tokenizer_dir, tmp)
         main_dtype = max(out_specs.values(), key=lambda s: torch.Size(s[0]).numel())[1]
         write_json(tmp / "config.json", {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                                          "dtype": dtype_name(main_dtype), "model": config.to_dict(),
@@ -86,17 +82,8 @@ def open_native(path: Path) -> Source:
         raise HybridctlError(f"{path}/config.json: missing the 'model' section")
     config = ModelConfig.from_dict(meta["model"])
     reader = SafetensorsReader(path)
-    specs = {}
-    for k in reader.keys():
-        st = reader.dtype(k)
-        if st not in _ST_DTYPES:
-            raise HybridctlError(f"{path}: tensor {k!r} has unsupported dtype {st}")
-        specs[k] = (reader.shape(k), _ST_DTYPES[st])
+    specs = {k: reader.spec(k) for k in reader.keys()}
     check_specs(config, specs, str(path))
     tok_dir = path if meta.get("tokenizer") else None
     return Source("native", path, config, specs, reader.get, tokenizer_dir=tok_dir,
-                  info={k: v for k, v in meta.items() if k not in ("model",)})
-
-
-def read_config(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "config.json").read_text())
+                  info={k: v for k, v in meta.items() if k not in ("model",)}, validated=True)
