@@ -183,7 +183,6 @@ def _recompute_document_starts(out: Tensor, x: Tensor, w: Tensor, seq_idx: Tenso
     document only. Such a t lies after a document start inside the row, so its window never needs the initial state
     (which belongs to the row's first document): taps before position 0 are simply dropped."""
     k = w.shape[-1]
-    seqlen = x.shape[1]
     change = seq_idx[:, 1:] != seq_idx[:, :-1]
     starts = F.pad(change, (1, 0), value=False)  # [B,T] True where a new document begins
     affected = starts.clone()

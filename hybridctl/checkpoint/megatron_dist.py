@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import logging
-import pathlib
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +31,7 @@ from hybridctl.checkpoint import Source, TensorSpec
 from hybridctl.checkpoint.io import atomic_dir, carry_tokenizer, write_json
 from hybridctl.checkpoint.megatron_args import args_from_config, padded_vocab
 from hybridctl.checkpoint.megatron_keys import (
-    EXTRA_STATE, Entry, Split, all_entries, dist_keys, dist_merge, dist_split, extra_state_keys,
+    Entry, Split, all_entries, dist_keys, dist_merge, dist_split, extra_state_keys,
 )
 from hybridctl.checkpoint.megatron_source import build_source, is_weight_key
 from hybridctl.checkpoint.safe_pickle import SafeFileSystemReader, safe_torch_load
