@@ -273,3 +273,10 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, **kw) -> Tensor:
         return x + self.mixer(self.norm(x), **kw)
+
+    def step(self, x: Tensor, state=None, **kw) -> Tensor:
+        """One decode token: x [B,D] → [B,D], ``x + mixer.step(norm(x), state, **kw)``; ``state`` is this layer's
+        cache entry (updated in place; unused by MLP, which has no step state)."""
+        h = self.norm(x)
+        h = self.mixer(h) if self.kind == MLP_SYMBOL else self.mixer.step(h, state, **kw)
+        return x + h

@@ -49,8 +49,7 @@ import torch
 
 from hybridctl.config import HybridctlError
 from hybridctl.corpora import SPLITS, TASKS, open_corpus
-# Re-exported: these were defined here before corpora.py was split out, and callers import them from hybridctl.data.
-from hybridctl.corpora import MegatronDataset, builtin_documents, iter_documents, write_megatron_dataset  # noqa: F401
+from hybridctl.recipe import at_least
 
 log = logging.getLogger(__name__)
 
@@ -323,13 +322,9 @@ class DataConfig:
     epochs: int | None
 
     def __post_init__(self) -> None:
-        minimum = {"seq_len": 1, "batch_size": 1, "seed": 0, "eval_every": 2, "shuffle_buffer": 1, "epochs": 1}
-        for name, low in minimum.items():
-            v = getattr(self, name)
-            if name == "epochs" and v is None:
-                continue  # endless
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise HybridctlError(f"data.{name}: must be an integer >= {low}, got {v!r}")
+        at_least("data", seq_len=(self.seq_len, 1), batch_size=(self.batch_size, 1), seed=(self.seed, 0),
+                 eval_every=(self.eval_every, 2), shuffle_buffer=(self.shuffle_buffer, 1),
+                 **({"epochs": (self.epochs, 1)} if self.epochs is not None else {}))  # None: endless
         if self.split not in SPLITS:
             raise HybridctlError(f"data.split: must be 'train' or 'eval', got {self.split!r}")
         if not self.sources or not all(isinstance(s, str) and s.strip() for s in self.sources):
@@ -361,7 +356,6 @@ class PackedLoader:
             config.sources, seed=config.seed, split=config.split, eval_every=config.eval_every,
             text_field=config.text_field, shuffle_buffer=config.shuffle_buffer)
         self._cursor: Cursor = (0, 0, 0)
-        self._batches = 0
         self._rows: Iterator[tuple[Row, Cursor]] | None = None
 
     def __iter__(self) -> PackedLoader:
@@ -381,7 +375,7 @@ class PackedLoader:
             row, cursor = item
             if r // B == self.rank:
                 mine.append(_row_to_example(row))
-        self._cursor, self._batches = cursor, self._batches + 1
+        self._cursor = cursor
         x, y, s = (np.stack(a) for a in zip(*mine))
         return {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y.astype(np.int64)),
                 "seq_idx": torch.from_numpy(s.astype(np.int32))}
@@ -432,12 +426,12 @@ class PackedLoader:
         epoch, pos, offset = self._cursor
         c = self.config
         return {"format": _STATE_FORMAT, "sources": list(c.sources), "split": c.split, "seed": c.seed,
-                "seq_len": c.seq_len, "epoch": epoch, "position": pos, "offset": offset, "batches": self._batches,
-                "global_batch_size": c.batch_size * self.world_size}
+                "seq_len": c.seq_len, "epoch": epoch, "position": pos, "offset": offset}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from ``state``; the sources, split, seed and seq_len must match (batch size and world size may
-        change: the global row stream continues where it stopped)."""
+        change: the global row stream continues where it stopped). Keys this version no longer writes (``batches``,
+        ``global_batch_size``) are ignored."""
         if state.get("format") != _STATE_FORMAT:
             raise HybridctlError(f"data state: unknown format {state.get('format')!r} (expected {_STATE_FORMAT!r})")
         mine = self.state_dict()
@@ -446,10 +440,9 @@ class PackedLoader:
                 if (list(state[key]) if key == "sources" else state[key]) != mine[key]:
                     raise HybridctlError(f"data state: {key} was {state[key]!r}, this run has {mine[key]!r}")
             cursor = (int(state["epoch"]), int(state["position"]), int(state["offset"]))
-            batches = int(state["batches"])
         except (KeyError, TypeError, ValueError) as e:
             raise HybridctlError(f"data state: malformed ({type(e).__name__}: {e})") from None
-        self._cursor, self._batches, self._rows = cursor, batches, None
+        self._cursor, self._rows = cursor, None
 
 
 def build_loader(*, source: str | Sequence[str], tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int = 0,

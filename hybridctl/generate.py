@@ -51,7 +51,6 @@ class GenerateResult:
     prefill_s: float  # prompt forward + first sample
     decode_s: float  # the remaining steps (warm-up excluded)
     decode_steps: int
-    time_to_first_token_s: float
     warmup_s: float  # CUDA-graph capture (0 when eager)
     device: str
     backend: str
@@ -59,6 +58,11 @@ class GenerateResult:
     state_dtype: str
     cuda_graph: bool
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def time_to_first_token_s(self) -> float:
+        """The prompt forward plus the first sample: ``prefill_s`` (kept as its own name in the JSON summary)."""
+        return self.prefill_s
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -72,7 +76,8 @@ class GenerateResult:
         """Batch-level facts (timings, device) without the per-prompt lists."""
         d = {k: v for k, v in asdict(self).items() if k not in ("texts", "tokens", "prompt_tokens",
                                                                   "finish_reasons", "extra")}
-        d.update(self.extra, prefill_tokens_per_s=self.prefill_tokens_per_s,
+        d.update(self.extra, time_to_first_token_s=self.time_to_first_token_s,
+                 prefill_tokens_per_s=self.prefill_tokens_per_s,
                  decode_tokens_per_s=self.decode_tokens_per_s)
         return d
 
@@ -336,7 +341,9 @@ def generate(model_or_path: Any, prompts: str | Sequence[str] | Sequence[Sequenc
     """Generate continuations for one prompt or a batch.
 
     model_or_path: a HybridLM (with ``tokenizer`` a Tokenizer, 'byte', a path, or None for id prompts) or any
-    checkpoint ``load_model`` reads (its tokenizer unless ``tokenizer`` overrides). prompts: text(s) or id lists
+    checkpoint ``load_model`` reads. A HybridLM given with ``device`` / ``dtype`` that differ from its own is moved /
+    cast IN PLACE (``nn.Module.to``: the caller's model changes; a copy would double the memory) and left in eval
+    mode (its tokenizer unless ``tokenizer`` overrides). prompts: text(s) or id lists
     (one batch; different lengths are left-padded). ``on_text(i, piece)`` streams decoded text of prompt i as it is
     produced (stop strings are held back until they can no longer match). Never emits an id >= the tokenizer's
     vocabulary (Megatron pads the model's vocab). ``cuda_graph``: replay the decode step from a CUDA graph (GPU);
@@ -426,7 +433,7 @@ def _run(model, ids: list[list[int]], rows: list[_Row], params: SamplingParams, 
     for r in rows:
         r.finish_length()
     _deliver(rows, [[] for _ in rows], on_text)
-    return dict(prefill_s=t2 - t1, decode_s=t3 - t2, decode_steps=steps, time_to_first_token_s=t2 - t1,
+    return dict(prefill_s=t2 - t1, decode_s=t3 - t2, decode_steps=steps,
                 warmup_s=warmup_s, cuda_graph=step.graph is not None,
                 extra={"cpu_fast_path": step_model is not model})
 

@@ -123,15 +123,9 @@ class HybridLM(nn.Module):
             # [B,S_max]: slots already written for this row (left padding stays invalid in cache.key_valid)
             kpos = torch.arange(cache.max_seqlen, device=tokens.device)
             key_mask = cache.key_valid & (kpos <= slot)[None]
+        attn_kw = dict(slot=slot, key_mask=key_mask, positions=positions)
         for i, layer in enumerate(self.layers):
-            h = layer.norm(x)
-            if layer.kind == MAMBA:
-                h = layer.mixer.step(h, cache.layers[i])
-            elif layer.kind == ATTENTION:
-                h = layer.mixer.step(h, cache.layers[i], slot=slot, key_mask=key_mask, positions=positions)
-            else:
-                h = layer.mixer(h)
-            x = x + h
+            x = layer.step(x, cache.layers.get(i), **(attn_kw if layer.kind == ATTENTION else {}))
         return self.logits(self.norm_f(x))
 
     # ---- inference cache ------------------------------------------------------------------------------------------

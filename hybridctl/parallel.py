@@ -31,8 +31,7 @@ log = logging.getLogger(__name__)
 class DistInfo:
     rank: int
     world_size: int
-    local_rank: int
-    device: torch.device
+    device: torch.device  # under torchrun, cuda:LOCAL_RANK
 
     @property
     def is_main(self) -> bool:
@@ -70,7 +69,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
                                 device_id=dev if dev.type == "cuda" else None)
         log.info("process group: rank %d of %d (%s)", rank, world, dist.get_backend())
-    return DistInfo(rank, world, local, dev)
+    return DistInfo(rank, world, dev)
 
 
 def destroy_distributed() -> None:
@@ -90,15 +89,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # ---- transforms -----------------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ class DataSection:
     task_options: dict = field(default_factory=dict)  # phonebook: n_entries, context_len; copy: min_len, max_len
 
     def __post_init__(self) -> None:
-        _at_least("data", seq_len=(self.seq_len, 1), eval_every=(self.eval_every, 2),
+        at_least("data", seq_len=(self.seq_len, 1), eval_every=(self.eval_every, 2),
                   shuffle_buffer=(self.shuffle_buffer, 1))
         if isinstance(self.source, list) and not all(isinstance(s, str) for s in self.source):
             raise HybridctlError("data.source: a list of sources must hold strings only")
@@ -98,7 +98,7 @@ class OptimSection:
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.tokens is None):
             raise HybridctlError("optim: give exactly one of optim.steps and optim.tokens")
-        _at_least("optim", micro_batch=(self.micro_batch, 1), global_batch=(self.global_batch, 1),
+        at_least("optim", micro_batch=(self.micro_batch, 1), global_batch=(self.global_batch, 1),
                   warmup_steps=(self.warmup_steps, 0),
                   **({"steps": (self.steps, 1)} if self.steps is not None else {"tokens": (self.tokens, 1)}))
         if self.global_batch % self.micro_batch:
@@ -135,7 +135,7 @@ class CheckpointSection:
     export_dtype: str = "float32"  # float32 | bfloat16
 
     def __post_init__(self) -> None:
-        _at_least("checkpoint", interval=(self.interval, 0), keep_last=(self.keep_last, 1))
+        at_least("checkpoint", interval=(self.interval, 0), keep_last=(self.keep_last, 1))
         if self.export_dtype not in ("float32", "bfloat16"):
             raise HybridctlError(f"checkpoint.export_dtype: float32 or bfloat16, got {self.export_dtype!r}")
 
@@ -146,7 +146,7 @@ class EvalSection:
     batches: int = 4  # micro-batches per evaluation (per device)
 
     def __post_init__(self) -> None:
-        _at_least("eval", interval=(self.interval, 0), batches=(self.batches, 0))
+        at_least("eval", interval=(self.interval, 0), batches=(self.batches, 0))
 
 
 @dataclass
@@ -156,7 +156,7 @@ class LoggingSection:
     peak_tflops: float | None = None  # accelerator peak for MFU (default: known datasheet value for the GPU)
 
     def __post_init__(self) -> None:
-        _at_least("logging", interval=(self.interval, 1))
+        at_least("logging", interval=(self.interval, 1))
 
 
 @dataclass
@@ -216,7 +216,8 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-def _at_least(owner: str, **values: tuple[Any, int]) -> None:
+def at_least(owner: str, **values: tuple[Any, int]) -> None:
+    """Each ``name=(value, low)`` must be an int (not a bool) >= low; the message names ``owner.name``."""
     for name, (v, low) in values.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
             raise HybridctlError(f"{owner}.{name}: must be an integer >= {low}, got {v!r}")

@@ -109,21 +109,28 @@ class StreamDecoder:
         self._ids: list[int] = [int(i) for i in context][-4:]  # enough to settle a word boundary
         self._prefix = 0  # window start: one emitted step of context
         self._read = len(self._ids)  # ids before this are already emitted (or are the prompt)
+        self._prefix_text: str | None = None  # decode(ids[prefix:read]); unchanged until the next emission
+
+    def _prefix_decoded(self) -> str:
+        if self._prefix_text is None:
+            self._prefix_text = self._tok.decode(self._ids[self._prefix:self._read])
+        return self._prefix_text
 
     def push(self, token_id: int) -> str:
         self._ids.append(int(token_id))
-        prefix_text = self._tok.decode(self._ids[self._prefix:self._read])
+        prefix_text = self._prefix_decoded()
         new_text = self._tok.decode(self._ids[self._prefix:])
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
             return ""
         # Drop ids that no longer matter so a long generation does not re-decode from the start.
         self._ids, self._prefix, self._read = self._ids[self._read:], 0, len(self._ids) - self._read
+        self._prefix_text = None  # the window moved
         return new_text[len(prefix_text):]
 
     def flush(self) -> str:
-        prefix_text = self._tok.decode(self._ids[self._prefix:self._read])
+        prefix_text = self._prefix_decoded()
         new_text = self._tok.decode(self._ids[self._prefix:])
-        self._ids, self._prefix, self._read = [], 0, 0
+        self._ids, self._prefix, self._read, self._prefix_text = [], 0, 0, None
         return new_text[len(prefix_text):]
 
 

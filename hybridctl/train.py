@@ -3,7 +3,9 @@
 Run directory (``checkpoint.dir`` or ``--run-dir``)::
 
     recipe.toml                 the resolved recipe (every key, the complete model config)
-    metrics.jsonl               one JSON object per logged step / evaluation
+    metrics.jsonl               one JSON object per logged step / evaluation (tokens_per_s: tokens over the training
+                                steps' time since the last row, data loading in, evaluation/checkpoints out); a resume
+                                drops the rows after its checkpoint's step, which are then logged again
     checkpoints/step_00000100/  torch.distributed.checkpoint (model + AdamW tensors, sharded per rank),
                                 trainer_state.json (step, tokens, data position), rng_rank{r}.json, complete.json
     checkpoints/latest          name of the newest complete checkpoint
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -39,10 +42,10 @@ import torch.nn.functional as F
 
 from hybridctl import parallel
 from hybridctl.config import HybridctlError, ModelConfig
+from hybridctl.data import IGNORE_INDEX
 from hybridctl.recipe import Recipe, dump_toml
 
 log = logging.getLogger(__name__)
-IGNORE_INDEX = -100
 CKPT_DIR, LATEST, COMPLETE = "checkpoints", "latest", "complete.json"
 # Dense bf16 datasheet peaks (TFLOP/s) for MFU; override with logging.peak_tflops.
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "GH200": 989.4, "B200": 2250.0, "A100": 312.0,
@@ -62,6 +65,8 @@ class TrainResult:
     export: Path | None  # native export
     resumed_from: Path | None
     losses: list[float] = field(default_factory=list)  # per step of this invocation
+    # training throughput of this invocation: tokens / time of the training steps, data loading included,
+    # evaluation and checkpoints excluded (metrics.jsonl's tokens_per_s is the same over each logging window)
     tokens_per_s: float | None = None
     mfu: float | None = None
 
@@ -71,8 +76,13 @@ class TrainResult:
         d.update(run_dir=str(self.run_dir), checkpoint=str(self.checkpoint) if self.checkpoint else None,
                  export=str(self.export) if self.export else None,
                  resumed_from=str(self.resumed_from) if self.resumed_from else None)
-        d["eval_ppl"] = math.exp(min(self.eval_loss, 80.0)) if self.eval_loss is not None else None
+        d["eval_ppl"] = perplexity(self.eval_loss) if self.eval_loss is not None else None
         return d
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped at exp(80) so a diverged run reports a finite number."""
+    return math.exp(min(loss, 80.0))
 
 
 # ---- schedule and loss ----------------------------------------------------------------------------------------------
@@ -257,7 +267,7 @@ def evaluate(model, loader, recipe: Recipe, info: parallel.DistInfo) -> dict[str
     out = {}
     if sums[1] > 0:
         out["eval_loss"] = float(sums[0] / sums[1])
-        out["eval_ppl"] = math.exp(min(out["eval_loss"], 80.0))
+        out["eval_ppl"] = perplexity(out["eval_loss"])
     if sums[3] > 0:
         out["eval_accuracy"] = float(sums[2] / sums[3])
     return out
@@ -411,8 +421,33 @@ def _peak_flops(recipe: Recipe, device: torch.device) -> float | None:
     return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the rows of metrics.jsonl logged after ``step`` (a resumed run repeats those steps), atomically.
+
+    Unparseable lines (a crash mid-write) are dropped too. Rank 0 only."""
+    if not path.is_file():
+        return
+    from hybridctl.checkpoint.io import atomic_write_text
+
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            keep = isinstance(row, dict) and int(row.get("step", 0)) <= step
+        except (ValueError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(kept))
+        log.info("metrics.jsonl: dropped %d rows after step %d (logged before the resumed checkpoint's crash)",
+                 dropped, step)
+
+
 class _Metrics:
-    """metrics.jsonl on rank 0 (append: a resumed run continues the file)."""
+    """metrics.jsonl on rank 0 (append: a resumed run continues the file, cut back to its checkpoint's step)."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.f = open(path, "a") if enabled else None
@@ -464,6 +499,8 @@ def train(*, recipe: Recipe, run_dir: str | Path | None = None, resume: str | No
         st = load_checkpoint(ckpt, model, optimizer, info)
         step, tokens = int(st["step"]), int(st["tokens"])
         loader.load_state_dict(st["data"])
+        if info.is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", step)
         log.info("resumed from %s at step %d", ckpt, step)
     res = TrainResult(run_dir, step, tokens, None, None, None, 0.0, ckpt, None, ckpt)
     _loop(model, optimizer, loader, tok, recipe, info, run_dir, res, max_steps, progress)
@@ -489,16 +526,20 @@ def _loop(model, optimizer, loader, tok, recipe: Recipe, info: parallel.DistInfo
     bar = tqdm(total=total, initial=min(res.steps, total), disable=not show, file=sys.stderr, desc="train",
                unit="step", dynamic_ncols=True)
     metrics = _Metrics(run_dir / "metrics.jsonl", info.is_main)
-    window_t, window_tok, step_time, first = time.perf_counter(), 0, 0.0, res.steps
+    evals = _EvalBatches(recipe, tok, info)
+    # throughput (metrics and res.tokens_per_s alike): tokens over the time of the training steps, data loading
+    # included; evaluation and checkpoints excluded
+    window_time, window_tok, step_time, first = 0.0, 0, 0.0, res.steps
     try:
         while res.steps < total:
             lr = lr_at(res.steps, recipe)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            batches = [next(loader) for _ in range(accum)]
             t_step = time.perf_counter()
+            batches = [next(loader) for _ in range(accum)]
             loss, gnorm = train_step(model, optimizer, batches, recipe, info)  # returns floats: synchronised
-            step_time += time.perf_counter() - t_step
+            dt = time.perf_counter() - t_step
+            step_time, window_time = step_time + dt, window_time + dt
             res.steps, res.tokens = res.steps + 1, res.tokens + step_tokens
             res.losses.append(loss)
             res.final_loss = loss
@@ -506,43 +547,51 @@ def _loop(model, optimizer, loader, tok, recipe: Recipe, info: parallel.DistInfo
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
             if res.steps % recipe.logging.interval == 0 or res.steps == total:
-                if info.device.type == "cuda":
-                    torch.cuda.synchronize(info.device)
-                dt = time.perf_counter() - window_t
-                tps = window_tok / dt
-                mfu = flops * tps / (peak * info.world_size) if peak else None
+                tps = window_tok / window_time if window_time > 0 else None
+                mfu = flops * tps / (peak * info.world_size) if peak and tps else None
                 mem = torch.cuda.max_memory_allocated(info.device) / 2**30 if info.device.type == "cuda" else None
                 metrics.write(step=res.steps, loss=loss, lr=lr, grad_norm=gnorm, tokens=res.tokens, tokens_per_s=tps,
                               mfu=mfu, max_memory_gib=mem, time=time.time())
-                window_t, window_tok = time.perf_counter(), 0
-            if _periodic(model, optimizer, loader, tok, recipe, info, run_dir, res, total, metrics):
-                window_t = time.perf_counter()  # evaluation / checkpoint time is not training throughput
+                window_time, window_tok = 0.0, 0
+            _periodic(model, optimizer, loader, evals, recipe, info, run_dir, res, total, metrics)
     finally:
         bar.close()
         metrics.close()
-    if step_time > 0:  # the whole invocation's training throughput (evaluation and checkpoints excluded)
+    if step_time > 0:  # the whole invocation's training throughput (data loading in, evaluation/checkpoints out)
         res.tokens_per_s = (res.steps - first) * step_tokens / step_time
         res.mfu = flops * res.tokens_per_s / (peak * info.world_size) if peak else None
     res.checkpoint = find_checkpoint(run_dir)
 
 
-def _periodic(model, optimizer, loader, tok, recipe: Recipe, info: parallel.DistInfo, run_dir: Path,
-              res: TrainResult, total: int, metrics: _Metrics) -> bool:
-    """Evaluate and checkpoint when due (every interval and at the last step); True when anything ran."""
+class _EvalBatches:
+    """The evaluation micro-batches, read and tokenised once per run (the eval stream restarts from its beginning at
+    every evaluation, so each one sees the same batches) and replayed: ``iter(evals)``."""
+
+    def __init__(self, recipe: Recipe, tok: Any, info: parallel.DistInfo) -> None:
+        self.recipe, self.tok, self.info = recipe, tok, info
+        self.batches: list[dict[str, torch.Tensor]] | None = None
+
+    def __iter__(self):
+        if self.batches is None:
+            loader = build_data(self.recipe, self.tok, self.info, "eval")
+            self.batches = list(itertools.islice(loader, self.recipe.eval.batches))
+        return iter(self.batches)
+
+
+def _periodic(model, optimizer, loader, evals: _EvalBatches, recipe: Recipe, info: parallel.DistInfo, run_dir: Path,
+              res: TrainResult, total: int, metrics: _Metrics) -> None:
+    """Evaluate and checkpoint when due (every interval and at the last step)."""
     last = res.steps == total
-    ran = False
     if recipe.eval.batches and (last or (recipe.eval.interval and res.steps % recipe.eval.interval == 0)):
-        ev = evaluate(model, build_data(recipe, tok, info, "eval"), recipe, info)
+        ev = evaluate(model, iter(evals), recipe, info)
         res.eval_loss, res.eval_accuracy = ev.get("eval_loss"), ev.get("eval_accuracy")
         metrics.write(step=res.steps, **ev)
-        ran = True
     if last or (recipe.checkpoint.interval and res.steps % recipe.checkpoint.interval == 0):
-        state = {"step": res.steps, "tokens": res.tokens, "data": loader.state_dict(), "recipe": recipe.name,
-                 "world_size": info.world_size}
+        # tokens: the running total (the global batch may change between resumed invocations, so it is not
+        # step × global batch × seq_len)
+        state = {"step": res.steps, "tokens": res.tokens, "data": loader.state_dict()}
         res.checkpoint = save_checkpoint(run_dir, res.steps, model, optimizer, state, recipe.checkpoint.keep_last,
                                          info)
-        ran = True
-    return ran
 
 
 def export_final(model, cfg: ModelConfig, tok: Any, recipe: Recipe, run_dir: Path, info: parallel.DistInfo,

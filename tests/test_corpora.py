@@ -1,5 +1,4 @@
-"""Corpora on their own: file-reader errors, the Megatron .bin/.idx format (write, read, header, corrupt files), and
-the names that stay importable from hybridctl.data. Each source kind through the loader is tested in test_data.py."""
+"""Corpora on their own: file-reader errors, the Megatron .bin/.idx format (write, read, header, corrupt files). Each source kind through the loader is tested in test_data.py."""
 
 from __future__ import annotations
 
@@ -8,17 +7,8 @@ import struct
 import numpy as np
 import pytest
 
-from hybridctl import corpora
 from hybridctl.config import HybridctlError
 from hybridctl.corpora import MegatronDataset, iter_documents, write_megatron_dataset
-
-
-def test_moved_names_still_import_from_data():
-    from hybridctl import data
-
-    for name in ("MegatronDataset", "write_megatron_dataset", "builtin_documents", "iter_documents", "TASKS",
-                 "SPLITS"):
-        assert getattr(data, name) is getattr(corpora, name), name
 
 
 def test_file_reader_errors(tmp_path):

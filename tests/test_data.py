@@ -187,6 +187,18 @@ def test_state_mismatch_is_refused():
         b.load_state_dict({"format": "other"})
 
 
+def test_state_of_an_older_version_still_loads():
+    # earlier versions also wrote "batches" and "global_batch_size" (never read): such a state resumes the same
+    make = lambda: build_loader(source="builtin", tokenizer=TOK, seq_len=32, batch_size=2, seed=1)  # noqa: E731
+    a = make()
+    next(a)
+    old = {**a.state_dict(), "batches": 1, "global_batch_size": 2}
+    assert "batches" not in a.state_dict() and "global_batch_size" not in a.state_dict()
+    b = make()
+    b.load_state_dict(old)
+    assert torch.equal(next(a)["input_ids"], next(b)["input_ids"])
+
+
 @pytest.mark.parametrize("source", ["builtin", "phonebook"])
 def test_rank_sharding_unions_to_the_single_process_batch(source):
     single = build_loader(source=source, tokenizer=TOK, seq_len=96, batch_size=4, seed=2)
@@ -198,7 +210,7 @@ def test_rank_sharding_unions_to_the_single_process_batch(source):
         for key in whole:
             assert torch.equal(torch.cat([p[key] for p in parts]), whole[key])
         assert not torch.equal(parts[0]["input_ids"], parts[1]["input_ids"])
-    assert ranks[0].state_dict() == ranks[1].state_dict() == {**single.state_dict(), "global_batch_size": 4}
+    assert ranks[0].state_dict() == ranks[1].state_dict() == single.state_dict()  # rank-independent
 
 
 def test_megatron_loader_packs_resumes_and_checks_ids(tmp_path):

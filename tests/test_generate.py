@@ -332,3 +332,15 @@ def test_nemotron_h_checkpoint_matches_transformers_generate(tmp_path):
     both = generate(tmp_path / "nh", prompts, max_new_tokens=10, device="cpu")
     assert both.tokens == [generate(tmp_path / "nh", [p], max_new_tokens=10, device="cpu").tokens[0]
                            for p in prompts]
+
+
+def test_time_to_first_token_is_the_prefill_time_and_stays_in_the_summary():
+    res = generate(make_model(), [[1, 2, 3]], max_new_tokens=3)
+    assert res.time_to_first_token_s == res.prefill_s > 0
+    assert res.summary()["time_to_first_token_s"] == res.prefill_s
+
+
+def test_dtype_casts_a_given_model_in_place_as_documented():
+    model = make_model()
+    generate(model, [[1, 2, 3]], max_new_tokens=2, dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16

@@ -100,6 +100,23 @@ def test_streaming_matches_decode_and_splits_multibyte(hf_dir, sp_dir):
         assert "".join(pieces) + dec.flush() == "ab 🚀"
 
 
+def test_stream_decoder_decodes_the_prefix_once_per_emission(hf_dir, sp_dir, monkeypatch):
+    for tok in all_tokenizers(hf_dir, sp_dir):
+        if tok.kind == "byte":
+            continue  # exact incremental UTF-8 decoder, no window
+        ids = tok.encode("ab 🚀", add_bos=False)  # the last three tokens emit nothing until the end
+        calls = []
+        real = tok.decode
+        monkeypatch.setattr(tok, "decode", lambda xs, *a, **k: calls.append(list(xs)) or real(xs, *a, **k))
+        dec = tok.stream_decoder()
+        pieces = [dec.push(i) for i in ids]
+        assert "".join(pieces) + dec.flush() == "ab 🚀", tok.kind
+        # one decode of the growing window per push, plus one of the prefix per window position (not per push)
+        emissions = sum(1 for p in pieces if p)
+        assert len(calls) <= len(ids) + emissions + 2, (tok.kind, len(calls), len(ids))
+        monkeypatch.undo()
+
+
 def test_stream_context_keeps_the_leading_space(hf_dir, sp_dir):
     for tok in all_tokenizers(hf_dir, sp_dir):
         prompt, generated = tok.encode("hello", add_bos=False), tok.encode("hello world", add_bos=False)

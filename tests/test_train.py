@@ -49,7 +49,7 @@ def _recipe(tmp_path: Path, *sets: str, steps: int = 6):
 
 
 def _single() -> parallel.DistInfo:
-    return parallel.DistInfo(0, 1, 0, torch.device("cpu"))
+    return parallel.DistInfo(0, 1, torch.device("cpu"))
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -330,3 +330,50 @@ def test_resuming_from_an_older_checkpoint_abandons_the_later_ones(tmp_path):
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000003", "step_00000004"]
     assert find_checkpoint(rd).name == "step_00000004"
     assert (ckpts / "latest").read_text().strip() == "step_00000004"
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
+    # steps 3-4 are logged, then the step-4 checkpoint is lost (a crash before it completed): resuming from step 2
+    # repeats steps 3-4, which must not appear twice in metrics.jsonl
+    r = _recipe(tmp_path, "checkpoint.interval=2", "eval.interval=2", "checkpoint.export=false", steps=4)
+    train(recipe=r, progress=False)
+    ckroot = tmp_path / "run" / "checkpoints"
+    import shutil
+
+    shutil.rmtree(ckroot / "step_00000004")
+    (ckroot / "latest").write_text("step_00000002\n")
+    path = tmp_path / "run" / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"step": 5, "lo')  # a torn last line
+    resumed = train(recipe=r, resume="auto", progress=False)
+    assert resumed.resumed_from == ckroot / "step_00000002" and resumed.steps == 4
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x["step"] for x in rows if "loss" in x] == [1, 2, 3, 4]
+    assert [x["step"] for x in rows if "eval_loss" in x] == [2, 4]
+
+
+def test_evaluation_batches_are_built_once_and_replayed(tmp_path, monkeypatch):
+    from hybridctl import train as train_mod
+
+    real, splits = train_mod.build_data, []
+
+    def counting(recipe, tokenizer, info, split):
+        splits.append(split)
+        return real(recipe, tokenizer, info, split)
+
+    monkeypatch.setattr(train_mod, "build_data", counting)
+    r = _recipe(tmp_path, "eval.interval=1", "checkpoint.export=false", steps=3)
+    train(recipe=r, progress=False)
+    assert splits.count("eval") == 1
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows if "eval_loss" in x] == [1, 2, 3]
+    monkeypatch.setattr(train_mod, "build_data", real)
+    # the same numbers as a loader rebuilt for the evaluation
+    from hybridctl.model import build_model, materialize
+    from hybridctl.tokenizer import build_tokenizer
+
+    tok, info = build_tokenizer("byte"), _single()
+    model = materialize(build_model(r.model_config()), torch.device("cpu"), seed=0)
+    fresh = train_mod.evaluate(model, real(r, tok, info, "eval"), r, info)
+    replayed = train_mod._EvalBatches(r, tok, info)
+    assert train_mod.evaluate(model, iter(replayed), r, info) == fresh == \
+        train_mod.evaluate(model, iter(replayed), r, info)
