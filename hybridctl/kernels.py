@@ -106,7 +106,11 @@ def set_backend(name: str | None) -> str:
         raise HybridctlError(f"backend {name!r} is unknown; use one of {', '.join(BACKENDS)}")
     _requested = name
     eff = backend()
-    detail = "" if eff == "kernel" else (" (" + "; ".join(_load().errors) + ")" if name == "auto" else "")
+    if eff == "kernel":  # say which ops still take the PyTorch path: no silent partial fallback
+        d = describe()
+        detail = f" (SSD scan/step/gated norm: mamba_ssm; conv1d: {d['conv1d']}; attention: {d['attention']})"
+    else:
+        detail = " (" + "; ".join(_load().errors) + ")" if name == "auto" else ""
     log.info("hybridctl backend: %s (requested %s)%s", eff, name, detail)
     return eff
 
@@ -131,8 +135,8 @@ def describe() -> dict[str, Any]:
     eff = backend()
     k = _load() if eff == "kernel" else _Kernels()
     return {"backend": eff, "requested": _requested, "ssd": "mamba_ssm" if eff == "kernel" else "ref",
-            "conv1d": "causal_conv1d" if k.conv1d else "ref",
-            "attention": "flash_attn" if k.flash_attn else "sdpa"}
+            "conv1d": "causal_conv1d" if k.conv1d else "torch conv1d (causal_conv1d not installed)" if eff == "kernel"
+            else "ref", "attention": "flash_attn" if k.flash_attn else "sdpa"}
 
 
 def _kernels_for(t: torch.Tensor) -> _Kernels | None:
