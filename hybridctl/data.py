@@ -42,7 +42,7 @@ import itertools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,28 +50,13 @@ import torch
 from hybridctl.config import HybridctlError
 from hybridctl.corpora import SPLITS, TASKS, open_corpus
 from hybridctl.recipe import at_least
+from hybridctl.tokenizer import Tokenizer  # same layer: the one tokenizer interface
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 _STATE_FORMAT = "hybridctl.data/1"
 _TOKENIZE_GROUP = 64  # documents per encode_batch call (HF tokenizers encode a batch in parallel)
-
-
-class Tokenizer(Protocol):
-    """What packing needs from a tokenizer. `hybridctl.tokenizer.Tokenizer` satisfies it; data does not import it
-    because the two modules are siblings in the layering."""
-
-    kind: str
-    vocab_size: int
-    bos_id: int | None
-    eos_id: int | None
-    pad_id: int | None
-    add_bos: bool
-
-    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]: ...
-
-    def encode_batch(self, texts: Sequence[str], *, add_bos: bool | None = None) -> list[list[int]]: ...
 
 
 @dataclass
