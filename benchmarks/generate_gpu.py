@@ -4,9 +4,12 @@ same weights vs mamba_ssm's MambaLMHeadModel decode(cg=True) on a pure Mamba-2 o
     python benchmarks/generate_gpu.py            # ~3-5 min on one H100; JSON to $OUT/generate_gpu.json if OUT is set
     python benchmarks/generate_gpu.py --quick    # batch 1 only, prompt 1K
 
-Rows: (batch, prompt length) in (1,1K) (8,1K) (64,1K) (1,16K) (8,16K) for hybridctl, plus (1,1K) without the graph
-and with a bf16 SSM state; transformers and mamba_ssm at (1,1K) (8,1K) (64,1K) (1,16K). The batch-1 comparison runs
-first. (64,16K) is left out: its prefill alone would need ~30 GB of activations in one call.
+Rows: (batch, prompt length) in (1,1K) (8,1K) (64,1K) (1,16K) (8,16K) for hybridctl with its default GPU decode
+(torch.compile'd layer graphs replayed from a CUDA graph) and without the compile (the graph over the kernel
+backend's ops), plus (1,1K) with neither and with a bf16 SSM state; transformers and mamba_ssm at (1,1K) (8,1K)
+(64,1K) (1,16K). The batch-1 comparison runs first. (64,16K) is left out: its prefill alone would need ~30 GB of
+activations in one call. ``profile`` rows: one decode step at batch 1 taken apart — its graph replayed alone
+(CUDA events, no sampling), and its kernels listed by torch.profiler (count per step, time by kernel).
 
 Decode tokens/s counts every row of the batch; roofline = bytes a decode step must read (weights, SSM/conv state
 read+write, KV cache at the mean length) ÷ the device-to-device copy bandwidth measured here. Every peer is guarded:
@@ -85,13 +88,67 @@ def prompts(bsz: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
 
 def ours_task(model, bsz: int, L: int, new_tokens: int, kw: dict, bw: float) -> dict:
     ids = prompts(bsz, L, model.cfg.vocab_size).tolist()
-    generate(model, ids, max_new_tokens=new_tokens, **kw)  # warm-up at these shapes (autotune, allocator)
+    w = generate(model, ids, max_new_tokens=new_tokens, **kw)  # warm-up at these shapes (compile, autotune)
     r = generate(model, ids, max_new_tokens=new_tokens, **kw)
     sbytes = 2 if kw.get("state_dtype") == "bfloat16" else 4
     roof = bsz * bw / bytes_per_step(model, bsz, L + new_tokens // 2, state_bytes=sbytes)
+    mode = ("compiled " if r.extra.get("compiled") else "") + ("fused-matvec " if r.extra.get("fused_matvec") else "") \
+        + ("graph" if r.cuda_graph else "eager")
     return {"impl": "hybridctl", "batch": bsz, "prompt": L, "decode_tok_s": r.decode_tokens_per_s,
-            "ttft_s": r.time_to_first_token_s, "prefill_tok_s": r.prefill_tokens_per_s, "warmup_s": r.warmup_s,
-            "roofline_tok_s": roof, "note": ("graph" if r.cuda_graph else "eager") + f" state={r.state_dtype}"}
+            "ttft_s": r.time_to_first_token_s, "prefill_tok_s": r.prefill_tokens_per_s, "warmup_s": w.warmup_s,
+            "roofline_tok_s": roof, "note": f"{mode} state={r.state_dtype}" + (
+                f" compile_error={r.extra['compile_error']}" if r.extra.get("compile_error") else ""),
+            "tokens": r.tokens}
+
+
+def profile_task(model, bsz: int, L: int, bw: float, compile: bool, fused_matvec: bool = True) -> dict:
+    """One decode step taken apart: the captured graph replayed alone (median of 200, CUDA events; no sampling, no
+    host work), then the same step run uncaptured under torch.profiler: kernels per step, kernel time per step (its
+    sum against the replay shows the launch gaps the graph still has), the slowest kernels."""
+    from hybridctl.generate import DecodeStep
+
+    with torch.inference_mode():
+        cache = model.allocate_cache(bsz, L + 256)  # each replay advances the slot: 208 steps below
+        for st in cache.layers.values():  # never time on zeros
+            for t in vars(st).values():
+                t.normal_(0, 0.1)
+        step = DecodeStep(model, cache, bsz, DEV, use_graph=True, compile=compile, fused_matvec=fused_matvec)
+        step.capture()
+        step.set_position(L, torch.full((bsz,), L, device=DEV))
+        step.tokens.random_(0, model.cfg.vocab_size)
+        times = []
+        for _ in range(200):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step.run()
+            b.record()
+            times.append((a, b))
+        torch.cuda.synchronize()
+        ms = sorted(a.elapsed_time(b) for a, b in times)[100]
+        step.graph = None  # the same step, launched kernel by kernel, for the profiler
+        for _ in range(3):
+            step.run()
+        torch.cuda.synchronize()
+        n = 5
+        acts = [torch.profiler.ProfilerActivity.CUDA if DEV.type == "cuda" else torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(n):
+                step.run()
+            torch.cuda.synchronize()
+    kern: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA or DEV.type == "cpu":
+            kern.setdefault(e.name, []).append(e.device_time)  # µs
+    per_step_us = sum(sum(v) for v in kern.values()) / n
+    top = sorted(kern.items(), key=lambda kv: -sum(kv[1]))[:14]
+    roof_ms = 1e3 * bytes_per_step(model, bsz, L + 32) / bw
+    return {"impl": "profile", "batch": bsz, "prompt": L, "decode_tok_s": 1e3 * bsz / ms,
+            "roofline_tok_s": 1e3 * bsz / roof_ms,
+            "note": f"{'compiled ' if step.compiled else ''}{'fused-matvec ' if step.compiled and fused_matvec else ''}"
+                    f"graph replay alone {ms:.3f} ms; "
+                    f"{sum(len(v) for v in kern.values()) / n:.0f} kernels/step, kernel time {per_step_us / 1e3:.3f} "
+                    f"ms/step; roofline {roof_ms:.3f} ms",
+            "top_kernels": [(name[:90], len(v) // n, round(sum(v) / n, 1)) for name, v in top]}
 
 
 def hf_task(hf, model, bsz: int, L: int, new_tokens: int, bw: float) -> dict:
@@ -154,13 +211,16 @@ def mamba_task(m, cfg, bsz: int, L: int, new_tokens: int, bw: float) -> dict:
 
 def tasks(args) -> list[tuple[str, int, int, dict]]:
     """(peer, batch, prompt, options) in priority order: the batch-1 comparison first (a run may be cut short)."""
-    first = [("ours", 1, 1024, {}), ("ours", 1, 1024, {"cuda_graph": False}), ("hf", 1, 1024, {}),
-             ("mamba", 1, 1024, {})]
+    first = [("ours", 1, 1024, {}), ("ours", 1, 1024, {"fused_matvec": False}), ("ours", 1, 1024, {"compile": False}),
+             ("mamba", 1, 1024, {}), ("hf", 1, 1024, {}), ("profile", 1, 1024, {"compile": True}),
+             ("profile", 1, 1024, {"compile": True, "fused_matvec": False})]
     if args.quick:
         return first
     rest = [("ours", b, L, {}) for b, L in GRID if (b, L) != (1, 1024)]
-    rest += [("ours", 1, 1024, {"state_dtype": "bfloat16"})]
     rest += [("mamba", b, L, {}) for b, L in [(8, 1024), (64, 1024), (1, 16384)]]
+    rest += [("ours", b, L, {"compile": False}) for b, L in [(8, 1024), (64, 1024), (1, 16384)]]
+    rest += [("ours", 1, 1024, {"state_dtype": "bfloat16"}), ("ours", 1, 1024, {"cuda_graph": False,
+                                                                                "compile": False})]
     rest += [("hf", b, L, {}) for b, L in [(8, 1024), (1, 16384), (64, 1024)]]
     return first + rest
 
@@ -178,7 +238,8 @@ def run_tasks(b: Bench, model, cfg, bw: float) -> None:
         b.env["mamba_ssm_params"] = sum(p.numel() for p in mamba.parameters())
     run = {"ours": lambda bsz, L, kw: ours_task(model, bsz, L, args.new_tokens, kw, bw),
            "hf": None if hf is None else lambda bsz, L, kw: hf_task(hf, model, bsz, L, args.hf_new_tokens, bw),
-           "mamba": None if mamba is None else lambda bsz, L, kw: mamba_task(mamba, cfg, bsz, L, args.new_tokens, bw)}
+           "mamba": None if mamba is None else lambda bsz, L, kw: mamba_task(mamba, cfg, bsz, L, args.new_tokens, bw),
+           "profile": lambda bsz, L, kw: profile_task(model, bsz, L, bw, **kw)}
     for peer, bsz, L, kw in tasks(args):
         label = f"{peer} b{bsz} L{L} {kw or ''}".strip()
         if run[peer] is None or b.out_of_time(label):
@@ -187,6 +248,23 @@ def run_tasks(b: Bench, model, cfg, bw: float) -> None:
         if row is not None:
             b.add(row)
         torch.cuda.empty_cache()
+    agree(b)
+
+
+def agree(b: Bench) -> None:
+    """Greedy agreement of the compiled and uncompiled decode (bf16 on random weights has near-ties: report it)."""
+    by = {}
+    for r in b.rows:
+        if r["impl"] == "hybridctl" and r.get("tokens") and "state=float32" in r["note"] and "graph" in r["note"] \
+                and ("fused-matvec" in r["note"] or r["batch"] > 1 or "compiled" not in r["note"]):
+            by.setdefault((r["batch"], r["prompt"]), {})["compiled" in r["note"]] = r["tokens"]
+    for (bsz, L), d in by.items():
+        if len(d) == 2:
+            pairs = [(x, y) for ra, rb in zip(d[True], d[False]) for x, y in zip(ra, rb)]
+            first = [next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), len(ra))
+                     for ra, rb in zip(d[True], d[False])]
+            b.env[f"greedy_agreement_b{bsz}_L{L}"] = {"same_tokens": sum(x == y for x, y in pairs) / len(pairs),
+                                                      "first_difference_min": min(first)}
 
 
 def main() -> None:
@@ -194,7 +272,7 @@ def main() -> None:
     ap.add_argument("--preset", default="hybrid-1.3b")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--hf-new-tokens", type=int, default=24)
-    ap.add_argument("--budget-s", type=float, default=330.0)
+    ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -222,6 +300,12 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s; first call (JIT) {b.env.get('first_call_s', float('nan')):.1f} s; "
           f"backend {b.env['kernels']}")
     print(table(b.rows, COLS))
+    for r in b.rows:
+        if r["impl"] == "profile":
+            print(f"profile b{r['batch']} L{r['prompt']}: {r['note']}")
+            for name, count, us in r["top_kernels"]:
+                print(f"   {us:8.1f} us  x{count:<3d} {name}")
+    print({k: v for k, v in b.env.items() if k.startswith("greedy_agreement")})
 
 
 if __name__ == "__main__":

@@ -274,6 +274,11 @@ def generate(
     backend: BackendOpt = None,
     state_dtype: Annotated[str, typer.Option(help="SSM state dtype: float32 | bfloat16.")] = "float32",
     cuda_graph: Annotated[bool, typer.Option(help="Replay the decode step from a CUDA graph (GPU).")] = True,
+    compile: Annotated[Optional[bool], typer.Option(
+        "--compile/--no-compile", help="torch.compile the decode step (each layer's elementwise work fused into a few "
+        "kernels): faster GPU decode after a one-off compile, reported as warm-up. Default: on for CUDA, off on the "
+        "CPU.",
+        show_default=False)] = None,
     json_: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -287,7 +292,7 @@ def generate(
     res = run(ckpt, prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
               top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
               stop=stop or (), use_eos=not ignore_eos, device=device, dtype=dtype, backend=backend,
-              state_dtype=state_dtype, cuda_graph=cuda_graph, on_text=stream)
+              state_dtype=state_dtype, cuda_graph=cuda_graph, compile=compile, on_text=stream)
     if json_:
         return _print_json(res.per_prompt(0) if len(prompts) == 1 else dict(
             results=[{k: res.per_prompt(i)[k] for k in ("text", "tokens", "prompt_tokens", "finish_reason")}
@@ -299,8 +304,9 @@ def generate(
         typer.echo("")
     typer.echo(f"[{res.batch_size}×{res.decode_steps + 1} tokens | TTFT {res.time_to_first_token_s:.3f} s | "
                f"prefill {res.prefill_tokens_per_s:.1f} tok/s | decode {res.decode_tokens_per_s:.1f} tok/s | "
-               f"{res.device} {res.backend}{' cuda-graph' if res.cuda_graph else ''}"
-               f"{' fast-cpu' if res.extra.get('cpu_fast_path') else ''}]", err=True)
+               f"{res.device} {res.backend}{' compiled' if res.extra.get('compiled') else ''}"
+               f"{' cuda-graph' if res.cuda_graph else ''}{' fast-cpu' if res.extra.get('cpu_fast_path') else ''}"
+               f"{f' | warm-up {res.warmup_s:.1f} s' if res.warmup_s >= 0.1 else ''}]", err=True)
 
 
 def _gather_prompts(prompt: Optional[list[str]], prompt_file: Optional[list[Path]]) -> list[str]:

@@ -8,6 +8,7 @@ signature of its ref twin; CPU tensors always take the ref path (the kernels are
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import math
@@ -39,6 +40,8 @@ class _Kernels:
 
 _requested: str | None = None
 _loaded: _Kernels | None = None
+_inline = False  # inline_ops(): every op takes its pure-PyTorch twin, for torch.compile to fuse
+_inline_matvec = False  # inline_ops(matvec=True): one-row linears as reductions too
 
 
 def _import_mamba_ssm() -> types.ModuleType:
@@ -139,8 +142,33 @@ def describe() -> dict[str, Any]:
             else "ref", "attention": "flash_attn" if k.flash_attn else "sdpa"}
 
 
+@contextlib.contextmanager
+def inline_ops(matvec: bool = False):
+    """Within this block every dispatcher takes its pure-PyTorch twin (ref.py), whatever the backend: for code traced
+    by ``torch.compile``, whose generated kernels then fuse each op with its neighbours (the compiled decode step).
+    ``matvec``: ``linear`` on a single row becomes ``ref.matvec`` (a reduction Inductor fuses with the norm before it
+    and the activation / residual after it) instead of a cuBLAS call. Dynamo guards on both flags, so a function
+    compiled inside the block must also be called inside it (with the same ``matvec``)."""
+    global _inline, _inline_matvec
+    before = _inline, _inline_matvec
+    _inline, _inline_matvec = True, matvec
+    try:
+        yield
+    finally:
+        _inline, _inline_matvec = before
+
+
+def linear(layer: torch.nn.Module | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for an nn.Linear (or the CPU twin's prepacked one), ``F.linear(x, layer)`` for a weight tensor;
+    inside ``inline_ops(matvec=True)`` a single row [1, in] is computed as ``ref.matvec`` for the compiler to fuse."""
+    is_weight = isinstance(layer, torch.Tensor)
+    if _inline_matvec and x.numel() == x.shape[-1]:
+        return ref.matvec(x, layer, None) if is_weight else ref.matvec(x, layer.weight, layer.bias)
+    return torch.nn.functional.linear(x, layer) if is_weight else layer(x)
+
+
 def _kernels_for(t: torch.Tensor) -> _Kernels | None:
-    if not t.is_cuda or backend() != "kernel":
+    if _inline or not t.is_cuda or backend() != "kernel":
         return None
     return _load()
 

@@ -11,12 +11,13 @@ Build on meta, then materialise: ``build_model(cfg, device="meta")`` → transfo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from hybridctl import kernels
 from hybridctl.blocks import Attention, Block, KVState, Mamba2Mixer, MambaState, RMSNorm
 from hybridctl.config import ATTENTION, LAYER_NAMES, MAMBA, ModelConfig
 
@@ -105,10 +106,10 @@ class HybridLM(nn.Module):
         return self.norm_f(x)
 
     def logits(self, h: Tensor) -> Tensor:
-        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, w)
+        return kernels.linear(self.embed.weight if self.lm_head is None else self.lm_head.weight, h)
 
-    def decode_step(self, tokens: Tensor, cache: InferenceCache, slot: Tensor, positions: Tensor | None = None
+    def decode_step(self, tokens: Tensor, cache: InferenceCache, slot: Tensor, positions: Tensor | None = None, *,
+                    layer_step: Callable[..., Tensor] | None = None, head: Callable[..., Tensor] | None = None
                     ) -> Tensor:
         """One token per row with static shapes, for CUDA graphs and the CPU fast path: tokens [B] → logits [B,V].
 
@@ -116,6 +117,8 @@ class HybridLM(nn.Module):
         positions [B] long: RoPE positions (row-specific with left padding). Reads/writes the cache in place but
         does NOT advance ``cache.offset`` or ``slot`` (a captured graph cannot run Python side effects): the
         caller advances both. Equivalent to ``forward(tokens[:, None], cache=cache)[:, 0]`` at offset == slot.
+        ``layer_step(block, x, state, **kw)`` / ``head(model, x)`` replace ``Block.step`` / ``HybridLM.head`` (the
+        compiled decode step passes their ``torch.compile``d versions: one graph per layer kind, shared by layers).
         """
         x = self.embed(tokens)
         key_mask = None
@@ -124,8 +127,13 @@ class HybridLM(nn.Module):
             kpos = torch.arange(cache.max_seqlen, device=tokens.device)
             key_mask = cache.key_valid & (kpos <= slot)[None]
         attn_kw = dict(slot=slot, key_mask=key_mask, positions=positions)
+        layer_step = layer_step or Block.step
         for i, layer in enumerate(self.layers):
-            x = layer.step(x, cache.layers.get(i), **(attn_kw if layer.kind == ATTENTION else {}))
+            x = layer_step(layer, x, cache.layers.get(i), **(attn_kw if layer.kind == ATTENTION else {}))
+        return (head or HybridLM.head)(self, x)
+
+    def head(self, x: Tensor) -> Tensor:
+        """Final norm and LM head: hidden states [..., D] → logits [..., V]."""
         return self.logits(self.norm_f(x))
 
     # ---- inference cache ------------------------------------------------------------------------------------------

@@ -134,6 +134,9 @@ def ssm_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
     An fp32/fp64 contiguous state is updated truly in place (no [B,H,P,N] temporaries); the heads of a group are one
     [rep·P, N] matrix, so B/C are never repeated per head (three passes over the state instead of about six).
     """
+    if torch.compiler.is_compiling():
+        return ssm_step_pointwise(state, x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                  dt_limit=dt_limit)
     cd = torch.float64 if state.dtype == torch.float64 else torch.float32
     bsz, nheads, headdim = x.shape
     ngroups, dstate = B.shape[1], B.shape[2]
@@ -149,6 +152,39 @@ def ssm_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
         state.copy_(s)
     if D is not None:
         y = y + xc * D.to(cd)[:, None]
+    return y.to(x.dtype)
+
+
+def ssm_step_pointwise(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
+                       D: Tensor | None = None, dt_bias: Tensor | None = None, dt_softplus: bool = False,
+                       dt_limit: tuple[float, float] = (0.0, math.inf)) -> Tensor:
+    """``ssm_step`` written as one broadcast expression and one reduction over N, for ``torch.compile``: Inductor
+    fuses the decay, the rank-1 update, the write-back and the read-out into a single pass over the state (the
+    batched products of the eager form would be separate library calls with a temporary state). Same maths and
+    arguments as ``ssm_step``; ``ssm_step`` takes this form by itself while being compiled."""
+    cd = torch.float64 if state.dtype == torch.float64 else torch.float32
+    bsz, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[1], B.shape[2]
+    rep = nheads // ngroups  # heads are contiguous per group: head h reads group h // rep
+    dt = process_dt(dt, dt_bias, dt_softplus, dt_limit).to(cd)  # [B,H]
+    xc = x.to(cd)
+    Bh = B.to(cd)[:, :, None].expand(bsz, ngroups, rep, dstate).reshape(bsz, nheads, 1, dstate)
+    Ch = C.to(cd)[:, :, None].expand(bsz, ngroups, rep, dstate).reshape(bsz, nheads, 1, dstate)
+    new = state.to(cd) * torch.exp(dt * A.to(cd))[..., None, None] + (xc * dt[..., None])[..., None] * Bh
+    state.copy_(new)
+    y = (new * Ch).sum(-1)  # [B,H,P]
+    if D is not None:
+        y = y + xc * D.to(cd)[:, None]
+    return y.to(x.dtype)
+
+
+def matvec(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear`` for one row (x [..., in] holding a single row, weight [out, in]) written as a product and a sum
+    over ``in``, accumulated in fp32: under ``torch.compile`` a reduction kernel that streams the weight once (the
+    matrix-vector product of a batch-1 decode step), fused with what produces x and what consumes the result."""
+    y = (x.float()[..., None, :] * weight.float()).sum(-1)
+    if bias is not None:
+        y = y + bias.float()
     return y.to(x.dtype)
 
 

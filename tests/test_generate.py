@@ -88,6 +88,53 @@ def test_cpu_fast_twin_matches_decode_step(tie):
     assert cpu_fast_twin(model) is not twin
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_compiled_decode_step_matches_the_eager_step(rows):
+    """The torch.compile'd decode step (one graph per layer kind over the pure-PyTorch ops; at batch 1 with the
+    matrix-vector products as fused reductions) computes the same logits and leaves the same caches as
+    model.decode_step, for left-padded rows, RoPE, GQA and a SwiGLU MLP; generate() with compile=True gives the
+    eager greedy tokens."""
+    from hybridctl.generate import DecodeStep
+
+    model = make_model(pattern="*M-M*M", attention={"position": "rope"}, mlp={"activation": "swiglu"})
+    prompts = [torch.randint(0, 384, (n,)).tolist() for n in (11, 4)[:rows]]
+    want = generate(model, prompts, max_new_tokens=8, compile=False)
+    got = generate(model, prompts, max_new_tokens=8, compile=True)
+    assert got.extra["compiled"] and "compile_error" not in got.extra and not got.extra["cpu_fast_path"]
+    assert got.extra["fused_matvec"] is (rows == 1)
+    assert got.tokens == want.tokens
+    ids = torch.randint(0, 384, (rows, 9))
+    with torch.inference_mode():
+        caches = [model.allocate_cache(rows, 16), model.allocate_cache(rows, 16)]
+        steps = [DecodeStep(model, c, rows, torch.device("cpu"), use_graph=False, compile=flag)
+                 for c, flag in zip(caches, (False, True))]
+        for c, st in zip(caches, steps):
+            model(ids, cache=c)
+            st.set_position(9, torch.full((rows,), 9))
+        for t in range(3):
+            for st in steps:
+                st.tokens.fill_(5 + t)
+            a, b = steps[0].run(), steps[1].run()
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert steps[1].compiled and steps[1].compile_error is None
+    for i, st in caches[0].layers.items():
+        for name in ("ssm", "conv") if hasattr(st, "ssm") else ("k", "v"):
+            torch.testing.assert_close(getattr(caches[1].layers[i], name), getattr(st, name), atol=1e-5, rtol=1e-5)
+
+
+def test_a_failing_compile_falls_back_to_the_eager_step(monkeypatch):
+    from hybridctl import generate as gen_mod
+
+    def broken(*_a, **_k):
+        raise RuntimeError("inductor exploded\nsecond line")
+
+    monkeypatch.setattr(gen_mod, "compiled_step_fns", lambda: (broken, broken))
+    model = make_model()
+    res = generate(model, [[1, 2, 3]], max_new_tokens=5, compile=True)
+    assert not res.extra["compiled"] and res.extra["compile_error"] == "RuntimeError: inductor exploded"
+    assert res.tokens == generate(model, [[1, 2, 3]], max_new_tokens=5, compile=False).tokens
+
+
 @pytest.mark.parametrize("position", ["none", "rope"])
 def test_decode_step_matches_forward_with_cache(position):
     """The static (graph-friendly) step equals the Python-offset cached forward, and the full forward."""
@@ -296,13 +343,18 @@ def test_cli_errors_are_one_line(ckpt, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_equals_eager():
+@pytest.mark.parametrize("compile,rows", [(False, 2), (True, 2), (True, 1)])
+def test_cuda_graph_equals_eager(compile, rows):
+    """The graph replay (of the compiled step — at batch 1 with fused matrix-vector products — or of the
+    kernel-backend step) gives the eager step's greedy tokens, and is what `generate` uses on CUDA by default."""
     model = make_model(pattern="*-M*-M").cuda()
-    prompts = [torch.randint(0, 384, (n,)).tolist() for n in (30, 7)]
-    a = generate(model, prompts, max_new_tokens=16, cuda_graph=True)
-    b = generate(model, prompts, max_new_tokens=16, cuda_graph=False)
-    assert a.cuda_graph and not b.cuda_graph
+    prompts = [torch.randint(0, 384, (n,)).tolist() for n in (30, 7)[:rows]]
+    a = generate(model, prompts, max_new_tokens=16, cuda_graph=True, compile=compile)
+    b = generate(model, prompts, max_new_tokens=16, cuda_graph=False, compile=False)
+    assert a.cuda_graph and not b.cuda_graph and a.extra["compiled"] is compile and not b.extra["compiled"]
+    assert a.extra["fused_matvec"] is (compile and rows == 1)
     assert a.tokens == b.tokens
+    assert generate(model, prompts, max_new_tokens=2).extra["compiled"]  # the default on CUDA
 
 
 # ---- parity with transformers' NemotronH ----------------------------------------------------------------------------

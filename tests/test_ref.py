@@ -62,6 +62,35 @@ def test_chunked_scan_fp32_error_vs_fp64():
     assert rel < 5e-6, f"fp32 relative error {rel:.2e} (max abs {(y32.double() - y64).abs().max():.2e})"
 
 
+@pytest.mark.parametrize("form", [ref.ssm_step, ref.ssm_step_pointwise])
+def test_ssm_step_matches_fp64_recurrence(form):
+    """Both forms of the recurrent step (the eager in-place one, the broadcast one torch.compile fuses) against the
+    independent recurrence, three steps in a row, with the dt clamp."""
+    x, dt_raw, A, B, C, D, dt_bias = rand_inputs(t=3, h=6, p=8, g=3, n=16)
+    init = torch.randn(2, 6, 8, 16, dtype=f64)
+    dt = F.softplus(dt_raw + dt_bias).clamp(min=0.05)
+    y_ref, s_ref = naive_ssm(x, dt, A, B, C, D, init)
+    state = init.clone()
+    ys = [form(state, x[:, i], dt_raw[:, i], A, B[:, i], C[:, i], D=D, dt_bias=dt_bias, dt_softplus=True,
+               dt_limit=(0.05, math.inf)) for i in range(3)]
+    assert (torch.stack(ys, 1) - y_ref).abs().max().item() < 1e-12
+    assert (state - s_ref).abs().max().item() < 1e-12
+
+
+def test_ssm_step_forms_agree_with_a_bf16_state():
+    """With a bf16 state both forms compute in fp32 and round the state once: the same result."""
+    x, dt_raw, A, B, C, D, dt_bias = (v.float() for v in rand_inputs(t=1, h=8, p=16, g=2, n=32))
+    s0 = torch.randn(2, 8, 16, 32).bfloat16()
+    outs = []
+    for form in (ref.ssm_step, ref.ssm_step_pointwise):
+        s = s0.clone()
+        y = form(s, x[:, 0].bfloat16(), dt_raw[:, 0], A, B[:, 0], C[:, 0], D=D, dt_bias=dt_bias, dt_softplus=True)
+        outs.append((y.float(), s.float()))
+    torch.testing.assert_close(outs[1][1], outs[0][1], atol=0, rtol=2 ** -7)  # at most one bf16 ulp apart
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=0, rtol=2 ** -7)
+    assert not torch.equal(outs[0][1], s0.float())  # the state was updated
+
+
 @pytest.mark.parametrize("chunk", [4, 16])
 def test_seq_idx_resets_state_at_document_boundaries(chunk):
     x, dt_raw, A, B, C, D, dt_bias = rand_inputs(t=40)
