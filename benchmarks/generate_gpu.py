@@ -92,8 +92,7 @@ def ours_task(model, bsz: int, L: int, new_tokens: int, kw: dict, bw: float) -> 
     r = generate(model, ids, max_new_tokens=new_tokens, **kw)
     sbytes = 2 if kw.get("state_dtype") == "bfloat16" else 4
     roof = bsz * bw / bytes_per_step(model, bsz, L + new_tokens // 2, state_bytes=sbytes)
-    mode = ("compiled " if r.extra.get("compiled") else "") + ("fused-matvec " if r.extra.get("fused_matvec") else "") \
-        + ("graph" if r.cuda_graph else "eager")
+    mode = ("compiled " if r.extra.get("compiled") else "") + ("graph" if r.cuda_graph else "eager")
     return {"impl": "hybridctl", "batch": bsz, "prompt": L, "decode_tok_s": r.decode_tokens_per_s,
             "ttft_s": r.time_to_first_token_s, "prefill_tok_s": r.prefill_tokens_per_s, "warmup_s": w.warmup_s,
             "roofline_tok_s": roof, "note": f"{mode} state={r.state_dtype}" + (
@@ -101,7 +100,7 @@ def ours_task(model, bsz: int, L: int, new_tokens: int, kw: dict, bw: float) -> 
             "tokens": r.tokens}
 
 
-def profile_task(model, bsz: int, L: int, bw: float, compile: bool, fused_matvec: bool = True) -> dict:
+def profile_task(model, bsz: int, L: int, bw: float, compile: bool) -> dict:
     """One decode step taken apart: the captured graph replayed alone (median of 200, CUDA events; no sampling, no
     host work), then the same step run uncaptured under torch.profiler: kernels per step, kernel time per step (its
     sum against the replay shows the launch gaps the graph still has), the slowest kernels."""
@@ -112,7 +111,7 @@ def profile_task(model, bsz: int, L: int, bw: float, compile: bool, fused_matvec
         for st in cache.layers.values():  # never time on zeros
             for t in vars(st).values():
                 t.normal_(0, 0.1)
-        step = DecodeStep(model, cache, bsz, DEV, use_graph=True, compile=compile, fused_matvec=fused_matvec)
+        step = DecodeStep(model, cache, bsz, DEV, use_graph=True, compile=compile)
         step.capture()
         step.set_position(L, torch.full((bsz,), L, device=DEV))
         step.tokens.random_(0, model.cfg.vocab_size)
@@ -144,8 +143,7 @@ def profile_task(model, bsz: int, L: int, bw: float, compile: bool, fused_matvec
     roof_ms = 1e3 * bytes_per_step(model, bsz, L + 32) / bw
     return {"impl": "profile", "batch": bsz, "prompt": L, "decode_tok_s": 1e3 * bsz / ms,
             "roofline_tok_s": 1e3 * bsz / roof_ms,
-            "note": f"{'compiled ' if step.compiled else ''}{'fused-matvec ' if step.compiled and fused_matvec else ''}"
-                    f"graph replay alone {ms:.3f} ms; "
+            "note": f"{'compiled ' if step.compiled else ''}graph replay alone {ms:.3f} ms; "
                     f"{sum(len(v) for v in kern.values()) / n:.0f} kernels/step, kernel time {per_step_us / 1e3:.3f} "
                     f"ms/step; roofline {roof_ms:.3f} ms",
             "top_kernels": [(name[:90], len(v) // n, round(sum(v) / n, 1)) for name, v in top]}
@@ -211,9 +209,8 @@ def mamba_task(m, cfg, bsz: int, L: int, new_tokens: int, bw: float) -> dict:
 
 def tasks(args) -> list[tuple[str, int, int, dict]]:
     """(peer, batch, prompt, options) in priority order: the batch-1 comparison first (a run may be cut short)."""
-    first = [("ours", 1, 1024, {}), ("ours", 1, 1024, {"fused_matvec": False}), ("ours", 1, 1024, {"compile": False}),
-             ("mamba", 1, 1024, {}), ("hf", 1, 1024, {}), ("profile", 1, 1024, {"compile": True}),
-             ("profile", 1, 1024, {"compile": True, "fused_matvec": False})]
+    first = [("ours", 1, 1024, {}), ("ours", 1, 1024, {"compile": False}), ("mamba", 1, 1024, {}), ("hf", 1, 1024, {}),
+             ("profile", 1, 1024, {"compile": True}), ("profile", 1, 1024, {"compile": False})]
     if args.quick:
         return first
     rest = [("ours", b, L, {}) for b, L in GRID if (b, L) != (1, 1024)]
@@ -255,8 +252,7 @@ def agree(b: Bench) -> None:
     """Greedy agreement of the compiled and uncompiled decode (bf16 on random weights has near-ties: report it)."""
     by = {}
     for r in b.rows:
-        if r["impl"] == "hybridctl" and r.get("tokens") and "state=float32" in r["note"] and "graph" in r["note"] \
-                and ("fused-matvec" in r["note"] or r["batch"] > 1 or "compiled" not in r["note"]):
+        if r["impl"] == "hybridctl" and r.get("tokens") and "state=float32" in r["note"] and "graph" in r["note"]:
             by.setdefault((r["batch"], r["prompt"]), {})["compiled" in r["note"]] = r["tokens"]
     for (bsz, L), d in by.items():
         if len(d) == 2:

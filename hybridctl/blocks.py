@@ -138,7 +138,7 @@ class Mamba2Mixer(nn.Module):
         """One recurrent decode step: u [B,D] → [B,D], updating state.conv [B,conv_dim,K] and state.ssm [B,H,P,N] in
         place. Static shapes, no Python-int indexing and no host sync, so it can be captured in a CUDA graph."""
         bsz = u.shape[0]
-        z, xBC, dt = torch.split(kernels.linear(self.in_proj, u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xBC = kernels.conv_step(state.conv, xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias)
         x, B, C = self._split_xbc(xBC)
         y = kernels.ssm_step(state.ssm, x.reshape(bsz, self.nheads, self.headdim), dt, -torch.exp(self.A_log.float()),
@@ -146,7 +146,7 @@ class Mamba2Mixer(nn.Module):
                              D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
         y = kernels.rmsnorm_gated(y.reshape(bsz, self.d_inner), z, self.norm.weight, self.norm.eps,
                                   self.d_inner // self.ngroups)
-        return kernels.linear(self.out_proj, y)
+        return self.out_proj(y)
 
     def _save_conv_state(self, state: MambaState, xBC: Tensor, seq_idx: Tensor | None, init: Tensor | None) -> None:
         """The last K conv inputs; inputs of an earlier document than the last token's (left padding) are zeroed."""
@@ -218,9 +218,9 @@ class Attention(nn.Module):
         positions [B] long: RoPE positions (ignored for NoPE). Attention runs over the whole preallocated cache,
         masked, so its shapes never change from step to step."""
         bsz = x.shape[0]
-        q = kernels.linear(self.q_proj, x).view(bsz, 1, self.n_heads, self.dh)
-        k = kernels.linear(self.k_proj, x).view(bsz, 1, self.n_kv, self.dh)
-        v = kernels.linear(self.v_proj, x).view(bsz, 1, self.n_kv, self.dh)
+        q = self.q_proj(x).view(bsz, 1, self.n_heads, self.dh)
+        k = self.k_proj(x).view(bsz, 1, self.n_kv, self.dh)
+        v = self.v_proj(x).view(bsz, 1, self.n_kv, self.dh)
         a = self.cfg.attention
         if a.position == "rope":
             rot = int(a.rotary_fraction * self.dh)
@@ -234,7 +234,7 @@ class Attention(nn.Module):
         rep = self.n_heads // self.n_kv
         q = q.view(bsz, self.n_kv, rep, self.dh).transpose(1, 2)
         out = kernels.attention(q, state.k, state.v, offset=state.k.shape[1] - 1, key_valid=key_mask)
-        return kernels.linear(self.o_proj, out.transpose(1, 2).reshape(bsz, self.n_heads * self.dh))
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, self.n_heads * self.dh))
 
 
 class MLP(nn.Module):
@@ -251,14 +251,14 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(f, cfg.d_model, **kw)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = kernels.linear(self.up_proj, x)
+        h = self.up_proj(x)
         if self.activation == "gelu":
             h = F.gelu(h)
         elif self.activation == "relu2":
             h = torch.square(F.relu(h))
         else:
-            h = F.silu(kernels.linear(self.gate_proj, x)) * h
-        return kernels.linear(self.down_proj, h)
+            h = F.silu(self.gate_proj(x)) * h
+        return self.down_proj(h)
 
 
 class Block(nn.Module):

@@ -234,7 +234,7 @@ def compiled_step_fns() -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
         from hybridctl.model import HybridLM
 
         # Dynamo keeps at most recompile_limit graphs per function (then silently runs it uncompiled): Block.step
-        # needs one per layer kind × dtype × matvec mode, before shapes turn dynamic.
+        # needs one per layer kind × dtype × device, before shapes turn dynamic.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _compiled_fns = (torch.compile(Block.step, fullgraph=True), torch.compile(HybridLM.head, fullgraph=True))
     return _compiled_fns
@@ -248,13 +248,11 @@ class DecodeStep:
     it must happen before the prefill fills the cache (``generate`` resets the cache afterwards). ``compile``: the
     layers and the head run as ``torch.compile``d graphs over the pure-PyTorch ops (``kernels.inline_ops``), so
     Inductor fuses each layer's elementwise work (norms, conv, dt, the whole SSM update, gating) into a few kernels
-    around the matrix products: ~5 launches per layer instead of ~15. ``fused_matvec`` (batch 1): the matrix-vector
-    products too become Inductor reductions, fused with the norm before and the activation / residual add after
-    them, instead of cuBLAS calls. Compilation happens in the warm-up; a failure there falls back to the
-    uncompiled step with a warning (``compile_error``)."""
+    around the matrix products: ~9 launches per layer instead of ~24. Compilation happens in the warm-up; a
+    failure there falls back to the uncompiled step with a warning (``compile_error``)."""
 
     def __init__(self, model, cache, batch_size: int, device: torch.device, use_graph: bool,
-                 compile: bool = False, fused_matvec: bool = True) -> None:
+                 compile: bool = False) -> None:
         self.model, self.cache = model, cache
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
@@ -263,13 +261,12 @@ class DecodeStep:
         self.logits: Tensor | None = None
         self.use_graph = use_graph and device.type == "cuda"
         self.compiled = compile
-        self.fused_matvec = fused_matvec
         self.compile_error: str | None = None
 
     def _eager(self) -> Tensor:
         if self.compiled:
             layer_step, head = compiled_step_fns()
-            with kernels.inline_ops(matvec=self.fused_matvec):
+            with kernels.inline_ops():
                 logits = self.model.decode_step(self.tokens, self.cache, self.slot, self.positions,
                                                 layer_step=layer_step, head=head)
         else:
@@ -387,8 +384,8 @@ def generate(model_or_path: Any, prompts: str | Sequence[str] | Sequence[Sequenc
              min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
              use_eos: bool = True, add_bos: bool | None = None, device: str | None = None, dtype: str | None = None,
              backend: str | None = None, state_dtype: str = "float32", cuda_graph: bool = True,
-             compile: bool | None = None, fused_matvec: bool = True, fast_cpu: bool = True,
-             on_text: TextCallback | None = None, sync_every: int = 16) -> GenerateResult:
+             compile: bool | None = None, fast_cpu: bool = True, on_text: TextCallback | None = None,
+             sync_every: int = 16) -> GenerateResult:
     """Generate continuations for one prompt or a batch.
 
     model_or_path: a HybridLM (with ``tokenizer`` a Tokenizer, 'byte', a path, or None for id prompts) or any
@@ -400,8 +397,7 @@ def generate(model_or_path: Any, prompts: str | Sequence[str] | Sequence[Sequenc
     vocabulary (Megatron pads the model's vocab). ``cuda_graph``: replay the decode step from a CUDA graph (GPU);
     ``compile``: run the decode step as ``torch.compile``d layer graphs (DecodeStep; None = on CUDA, off on the
     CPU, where the step is bound by the weights' bandwidth and compiling buys nothing; compile time is reported
-    in ``warmup_s``); ``fused_matvec``: with ``compile`` at batch 1, the matrix-vector products are compiled too
-    (see DecodeStep). ``fast_cpu``: decode with oneDNN-prepacked linear weights (CPU fp32, see cpu_fast_twin; not
+    in ``warmup_s``). ``fast_cpu``: decode with oneDNN-prepacked linear weights (CPU fp32, see cpu_fast_twin; not
     combined with ``compile``). Returns a GenerateResult.
     """
     from hybridctl.checkpoint.native import torch_dtype
@@ -425,7 +421,7 @@ def generate(model_or_path: Any, prompts: str | Sequence[str] | Sequence[Sequenc
     with torch.inference_mode():
         out = _run(model, ids, rows, params, vocab=vocab, max_new_tokens=max_new_tokens, seed=seed, device=dev,
                    state_dtype=sdtype, cuda_graph=cuda_graph, compile=dev.type == "cuda" if compile is None else compile,
-                   fused_matvec=fused_matvec, fast_cpu=fast_cpu, on_text=on_text, sync_every=sync_every)
+                   fast_cpu=fast_cpu, on_text=on_text, sync_every=sync_every)
     p = next(model.parameters())
     return GenerateResult(
         texts=[r.text for r in rows], tokens=[r.tokens for r in rows], prompt_tokens=[len(x) for x in ids],
@@ -436,7 +432,7 @@ def generate(model_or_path: Any, prompts: str | Sequence[str] | Sequence[Sequenc
 
 def _run(model, ids: list[list[int]], rows: list[_Row], params: SamplingParams, *, vocab: int, max_new_tokens: int,
          seed: int, device: torch.device, state_dtype: torch.dtype, cuda_graph: bool, compile: bool,
-         fused_matvec: bool, fast_cpu: bool, on_text: TextCallback | None, sync_every: int) -> dict[str, Any]:
+         fast_cpu: bool, on_text: TextCallback | None, sync_every: int) -> dict[str, Any]:
     """Prefill + decode loop; fills ``rows``; returns the timing fields of GenerateResult."""
     bsz = len(ids)
     input_ids, seq_idx, positions, pad = _pad_batch(ids, device)
@@ -444,7 +440,7 @@ def _run(model, ids: list[list[int]], rows: list[_Row], params: SamplingParams, 
     cache = model.allocate_cache(bsz, L + max_new_tokens, device=device, state_dtype=state_dtype)
     t0 = time.perf_counter()  # warm-up: packing weights (CPU), compiling, capturing the graph (GPU)
     step_model = cpu_fast_twin(model) if (fast_cpu and not compile and device.type == "cpu") else model
-    step = DecodeStep(step_model, cache, bsz, device, cuda_graph, compile=compile, fused_matvec=fused_matvec)
+    step = DecodeStep(step_model, cache, bsz, device, cuda_graph, compile=compile)
     step.capture()  # runs the step: before the prefill, then the cache is cleared
     cache.reset()
     warmup_s = time.perf_counter() - t0
@@ -491,7 +487,6 @@ def _run(model, ids: list[list[int]], rows: list[_Row], params: SamplingParams, 
     return dict(prefill_s=t2 - t1, decode_s=t3 - t2, decode_steps=steps,
                 warmup_s=warmup_s, cuda_graph=step.graph is not None,
                 extra={"cpu_fast_path": step_model is not model, "compiled": step.compiled,
-                       "fused_matvec": step.compiled and step.fused_matvec and bsz == 1,
                        **({"compile_error": step.compile_error} if step.compile_error else {})})
 
 

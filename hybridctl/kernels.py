@@ -41,7 +41,6 @@ class _Kernels:
 _requested: str | None = None
 _loaded: _Kernels | None = None
 _inline = False  # inline_ops(): every op takes its pure-PyTorch twin, for torch.compile to fuse
-_inline_matvec = False  # inline_ops(matvec=True): one-row linears as reductions too
 
 
 def _import_mamba_ssm() -> types.ModuleType:
@@ -143,28 +142,18 @@ def describe() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def inline_ops(matvec: bool = False):
+def inline_ops():
     """Within this block every dispatcher takes its pure-PyTorch twin (ref.py), whatever the backend: for code traced
     by ``torch.compile``, whose generated kernels then fuse each op with its neighbours (the compiled decode step).
-    ``matvec``: ``linear`` on a single row becomes ``ref.matvec`` (a reduction Inductor fuses with the norm before it
-    and the activation / residual after it) instead of a cuBLAS call. Dynamo guards on both flags, so a function
-    compiled inside the block must also be called inside it (with the same ``matvec``)."""
-    global _inline, _inline_matvec
-    before = _inline, _inline_matvec
-    _inline, _inline_matvec = True, matvec
+    Matrix products stay library calls (cuBLAS): Inductor's own matrix-vector reductions were slower for a decode
+    step (benchmarks/generate_gpu.md). Dynamo guards on the flag, so a function compiled inside the block must also
+    be called inside it."""
+    global _inline
+    before, _inline = _inline, True
     try:
         yield
     finally:
-        _inline, _inline_matvec = before
-
-
-def linear(layer: torch.nn.Module | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` for an nn.Linear (or the CPU twin's prepacked one), ``F.linear(x, layer)`` for a weight tensor;
-    inside ``inline_ops(matvec=True)`` a single row [1, in] is computed as ``ref.matvec`` for the compiler to fuse."""
-    is_weight = isinstance(layer, torch.Tensor)
-    if _inline_matvec and x.numel() == x.shape[-1]:
-        return ref.matvec(x, layer, None) if is_weight else ref.matvec(x, layer.weight, layer.bias)
-    return torch.nn.functional.linear(x, layer) if is_weight else layer(x)
+        _inline = before
 
 
 def _kernels_for(t: torch.Tensor) -> _Kernels | None:

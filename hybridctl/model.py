@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from hybridctl import kernels
 from hybridctl.blocks import Attention, Block, KVState, Mamba2Mixer, MambaState, RMSNorm
 from hybridctl.config import ATTENTION, LAYER_NAMES, MAMBA, ModelConfig
 
@@ -106,7 +106,8 @@ class HybridLM(nn.Module):
         return self.norm_f(x)
 
     def logits(self, h: Tensor) -> Tensor:
-        return kernels.linear(self.embed.weight if self.lm_head is None else self.lm_head.weight, h)
+        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, w)
 
     def decode_step(self, tokens: Tensor, cache: InferenceCache, slot: Tensor, positions: Tensor | None = None, *,
                     layer_step: Callable[..., Tensor] | None = None, head: Callable[..., Tensor] | None = None

@@ -178,16 +178,6 @@ def ssm_step_pointwise(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tenso
     return y.to(x.dtype)
 
 
-def matvec(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear`` for one row (x [..., in] holding a single row, weight [out, in]) written as a product and a sum
-    over ``in``, accumulated in fp32: under ``torch.compile`` a reduction kernel that streams the weight once (the
-    matrix-vector product of a batch-1 decode step), fused with what produces x and what consumes the result."""
-    y = (x.float()[..., None, :] * weight.float()).sum(-1)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
-
-
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, initial_state: Tensor | None = None,
                   seq_idx: Tensor | None = None, activation: str | None = "silu") -> Tensor:
     """Causal depthwise conv along time. x [B,T,Ch], weight [Ch,K], bias [Ch], initial_state [B,Ch,K] (the last K
