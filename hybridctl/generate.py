@@ -7,9 +7,10 @@ attention layers. ``generate`` runs
    so it never enters an SSM/conv state and is masked from attention (model.py); RoPE positions start at 0 at each
    prompt's first real token. The chunked SSD scan leaves the final states in the cache.
 2. decode: ``HybridLM.decode_step`` — static shapes, the cache position in a device tensor — run eagerly (CPU, under
-   ``torch.inference_mode``) or replayed from a CUDA graph captured once per call (GPU). The host synchronises only to
-   stream text, or every ``sync_every`` steps to notice EOS / stop strings when nothing is streamed. On CPU the step
-   runs on ``cpu_fast_twin(model)``: oneDNN-prepacked linear weights and an in-place SSM update.
+   ``torch.inference_mode``) or replayed from a CUDA graph captured once per call (GPU), by default over
+   ``torch.compile``d layer graphs that fuse each layer's elementwise work (``DecodeStep``). The host synchronises
+   only to stream text, or every ``sync_every`` steps to notice EOS / stop strings when nothing is streamed. On CPU
+   the step runs on ``cpu_fast_twin(model)``: oneDNN-prepacked linear weights and an in-place SSM update.
 
 Token accounting: ``tokens`` holds each row's generated ids up to (excluding) EOS, or up to and including the token
 that completed a stop string; ``text`` is the decoded continuation with the stop string cut off.
@@ -51,7 +52,7 @@ class GenerateResult:
     prefill_s: float  # prompt forward + first sample
     decode_s: float  # the remaining steps (warm-up excluded)
     decode_steps: int
-    warmup_s: float  # CUDA-graph capture (0 when eager)
+    warmup_s: float  # compiling the decode step + CUDA-graph capture (≈0 when eager)
     device: str
     backend: str
     dtype: str
@@ -235,7 +236,9 @@ def compiled_step_fns() -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
 
         # Dynamo keeps at most recompile_limit graphs per function (then silently runs it uncompiled): Block.step
         # needs one per layer kind × dtype × device, before shapes turn dynamic.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+        setattr(cfg, name, max(getattr(cfg, name), 64))
         _compiled_fns = (torch.compile(Block.step, fullgraph=True), torch.compile(HybridLM.head, fullgraph=True))
     return _compiled_fns
 
@@ -396,8 +399,8 @@ def generate(model_or_path: Any, prompts: str | Sequence[str] | Sequence[Sequenc
     produced (stop strings are held back until they can no longer match). Never emits an id >= the tokenizer's
     vocabulary (Megatron pads the model's vocab). ``cuda_graph``: replay the decode step from a CUDA graph (GPU);
     ``compile``: run the decode step as ``torch.compile``d layer graphs (DecodeStep; None = on CUDA, off on the
-    CPU, where the step is bound by the weights' bandwidth and compiling buys nothing; compile time is reported
-    in ``warmup_s``). ``fast_cpu``: decode with oneDNN-prepacked linear weights (CPU fp32, see cpu_fast_twin; not
+    CPU, where the prepacked fast path runs a batch-1 step at the bandwidth of streaming its fp32 weights; compile
+    time is reported in ``warmup_s``). ``fast_cpu``: decode with oneDNN-prepacked linear weights (CPU fp32, see cpu_fast_twin; not
     combined with ``compile``). Returns a GenerateResult.
     """
     from hybridctl.checkpoint.native import torch_dtype
@@ -420,7 +423,8 @@ def generate(model_or_path: Any, prompts: str | Sequence[str] | Sequence[Sequenc
     rows = [_Row(tok, eos_id, stop) for _ in ids]
     with torch.inference_mode():
         out = _run(model, ids, rows, params, vocab=vocab, max_new_tokens=max_new_tokens, seed=seed, device=dev,
-                   state_dtype=sdtype, cuda_graph=cuda_graph, compile=dev.type == "cuda" if compile is None else compile,
+                   state_dtype=sdtype, cuda_graph=cuda_graph,
+                   compile=dev.type == "cuda" if compile is None else compile,
                    fast_cpu=fast_cpu, on_text=on_text, sync_every=sync_every)
     p = next(model.parameters())
     return GenerateResult(

@@ -90,9 +90,9 @@ def test_cpu_fast_twin_matches_decode_step(tie):
 
 @pytest.mark.parametrize("rows", [1, 2])
 def test_compiled_decode_step_matches_the_eager_step(rows):
-    """The torch.compile'd decode step (one graph per layer kind over the pure-PyTorch ops) computes the same logits and leaves the same caches as
-    model.decode_step, for left-padded rows, RoPE, GQA and a SwiGLU MLP; generate() with compile=True gives the
-    eager greedy tokens."""
+    """The torch.compile'd decode step (one graph per layer kind over the pure-PyTorch ops) computes the same
+    logits and leaves the same caches as model.decode_step, for left-padded rows, RoPE, GQA and a SwiGLU MLP;
+    generate() with compile=True gives the eager greedy tokens."""
     from hybridctl.generate import DecodeStep
 
     model = make_model(pattern="*M-M*M", attention={"position": "rope"}, mlp={"activation": "swiglu"})
