@@ -129,14 +129,13 @@ def profile_task(model, bsz: int, L: int, bw: float, compile: bool) -> dict:
             step.run()
         torch.cuda.synchronize()
         n = 5
-        acts = [torch.profiler.ProfilerActivity.CUDA if DEV.type == "cuda" else torch.profiler.ProfilerActivity.CPU]
-        with torch.profiler.profile(activities=acts) as prof:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(n):
                 step.run()
             torch.cuda.synchronize()
     kern: dict[str, list[float]] = {}
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA or DEV.type == "cpu":
+        if e.device_type == torch.autograd.DeviceType.CUDA:
             kern.setdefault(e.name, []).append(e.device_time)  # µs
     per_step_us = sum(sum(v) for v in kern.values()) / n
     top = sorted(kern.items(), key=lambda kv: -sum(kv[1]))[:14]

@@ -400,8 +400,8 @@ def generate(model_or_path: Any, prompts: str | Sequence[str] | Sequence[Sequenc
     vocabulary (Megatron pads the model's vocab). ``cuda_graph``: replay the decode step from a CUDA graph (GPU);
     ``compile``: run the decode step as ``torch.compile``d layer graphs (DecodeStep; None = on CUDA, off on the
     CPU, where the prepacked fast path runs a batch-1 step at the bandwidth of streaming its fp32 weights; compile
-    time is reported in ``warmup_s``). ``fast_cpu``: decode with oneDNN-prepacked linear weights (CPU fp32, see cpu_fast_twin; not
-    combined with ``compile``). Returns a GenerateResult.
+    time is reported in ``warmup_s``). ``fast_cpu``: decode with oneDNN-prepacked linear weights (CPU fp32, see
+    cpu_fast_twin; not combined with ``compile``). Returns a GenerateResult.
     """
     from hybridctl.checkpoint.native import torch_dtype
 

@@ -33,6 +33,13 @@ def argmax_reference(model, prompt: list[int], n: int) -> list[int]:
     return ids[0, len(prompt):].tolist()
 
 
+def assert_caches_close(got, want) -> None:
+    """Every SSM/conv state and KV cache of two InferenceCaches agrees to 1e-5."""
+    for i, st in want.layers.items():
+        for name in ("ssm", "conv") if hasattr(st, "ssm") else ("k", "v"):
+            torch.testing.assert_close(getattr(got.layers[i], name), getattr(st, name), atol=1e-5, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     from hybridctl.checkpoint.native import save_model
@@ -80,9 +87,7 @@ def test_cpu_fast_twin_matches_decode_step(tie):
             b = twin.decode_step(tok, caches[1], slot, slot.expand(3))
             slot += 1
             assert (a - b).abs().max() < 1e-4
-    for i, st in caches[0].layers.items():
-        for name in ("ssm", "conv") if hasattr(st, "ssm") else ("k", "v"):
-            torch.testing.assert_close(getattr(caches[1].layers[i], name), getattr(st, name), atol=1e-5, rtol=1e-5)
+    assert_caches_close(caches[1], caches[0])
     with torch.no_grad():
         model.norm_f.weight.mul_(2.0)
     assert cpu_fast_twin(model) is not twin
@@ -115,9 +120,7 @@ def test_compiled_decode_step_matches_the_eager_step(rows):
             a, b = steps[0].run(), steps[1].run()
             torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     assert steps[1].compiled and steps[1].compile_error is None
-    for i, st in caches[0].layers.items():
-        for name in ("ssm", "conv") if hasattr(st, "ssm") else ("k", "v"):
-            torch.testing.assert_close(getattr(caches[1].layers[i], name), getattr(st, name), atol=1e-5, rtol=1e-5)
+    assert_caches_close(caches[1], caches[0])
 
 
 def test_a_failing_compile_falls_back_to_the_eager_step(monkeypatch):
@@ -343,7 +346,8 @@ def test_cli_errors_are_one_line(ckpt, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compile,rows", [(False, 2), (True, 2), (True, 1)])
 def test_cuda_graph_equals_eager(compile, rows):
-    """The graph replay (of the compiled step or of the kernel-backend step) gives the eager step's greedy tokens, and is what `generate` uses on CUDA by default."""
+    """The graph replay (of the compiled step or of the kernel-backend step) gives the eager step's greedy tokens,
+    and is what `generate` uses on CUDA by default."""
     model = make_model(pattern="*-M*-M").cuda()
     prompts = [torch.randint(0, 384, (n,)).tolist() for n in (30, 7)[:rows]]
     a = generate(model, prompts, max_new_tokens=16, cuda_graph=True, compile=compile)
