@@ -5,8 +5,10 @@ same weights vs mamba_ssm's MambaLMHeadModel decode(cg=True) on a pure Mamba-2 o
     python benchmarks/generate_gpu.py --quick    # batch 1 only, prompt 1K
 
 Rows: (batch, prompt length) in (1,1K) (8,1K) (64,1K) (1,16K) (8,16K) for hybridctl with its default GPU decode
-(torch.compile'd layer graphs replayed from a CUDA graph) and without the compile (the graph over the kernel
-backend's ops), plus (1,1K) with neither and with a bf16 SSM state; transformers and mamba_ssm at (1,1K) (8,1K)
+(torch.compile'd layer graphs with hybridctl's Triton GEMV / decode-attention kernels, replayed from a CUDA graph),
+the same with cuBLAS + SDPA in place of those kernels (``cuBLAS+SDPA``, the default before them; at (1,1K) and
+(1,16K)) and without the compile (the graph over the kernel backend's ops), plus (1,1K) with neither and with a bf16
+SSM state; transformers and mamba_ssm at (1,1K) (8,1K)
 (64,1K) (1,16K). The batch-1 comparison runs first. (64,16K) is left out: its prefill alone would need ~30 GB of
 activations in one call. ``profile`` rows: one decode step at batch 1 taken apart — its graph replayed alone
 (CUDA events, no sampling), and its kernels listed by torch.profiler (count per step, time by kernel).
@@ -87,12 +89,18 @@ def prompts(bsz: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
 
 
 def ours_task(model, bsz: int, L: int, new_tokens: int, kw: dict, bw: float) -> dict:
+    """hybridctl's generate(); kw are its options, plus ``decode_kernels=False``: cuBLAS products and SDPA attention
+    in place of hybridctl's Triton decode kernels (the default before they existed)."""
     ids = prompts(bsz, L, model.cfg.vocab_size).tolist()
-    w = generate(model, ids, max_new_tokens=new_tokens, **kw)  # warm-up at these shapes (compile, autotune)
-    r = generate(model, ids, max_new_tokens=new_tokens, **kw)
+    kw = dict(kw)
+    own = kw.pop("decode_kernels", True)
+    with kernels.decode_kernels(own):
+        w = generate(model, ids, max_new_tokens=new_tokens, **kw)  # warm-up at these shapes (compile, autotune)
+        r = generate(model, ids, max_new_tokens=new_tokens, **kw)
     sbytes = 2 if kw.get("state_dtype") == "bfloat16" else 4
     roof = bsz * bw / bytes_per_step(model, bsz, L + new_tokens // 2, state_bytes=sbytes)
-    mode = ("compiled " if r.extra.get("compiled") else "") + ("graph" if r.cuda_graph else "eager")
+    mode = ("compiled " if r.extra.get("compiled") else "") + ("graph" if r.cuda_graph else "eager") + (
+        "" if own else " cuBLAS+SDPA")
     return {"impl": "hybridctl", "batch": bsz, "prompt": L, "decode_tok_s": r.decode_tokens_per_s,
             "ttft_s": r.time_to_first_token_s, "prefill_tok_s": r.prefill_tokens_per_s, "warmup_s": w.warmup_s,
             "roofline_tok_s": roof, "note": f"{mode} state={r.state_dtype}" + (
@@ -100,7 +108,15 @@ def ours_task(model, bsz: int, L: int, new_tokens: int, kw: dict, bw: float) -> 
             "tokens": r.tokens}
 
 
-def profile_task(model, bsz: int, L: int, bw: float, compile: bool) -> dict:
+def profile_task(model, bsz: int, L: int, bw: float, compile: bool, decode_kernels: bool = True) -> dict:
+    with kernels.decode_kernels(decode_kernels):
+        row = _profile(model, bsz, L, bw, compile)
+    if not decode_kernels:
+        row["note"] = "cuBLAS+SDPA " + row["note"]
+    return row
+
+
+def _profile(model, bsz: int, L: int, bw: float, compile: bool) -> dict:
     """One decode step taken apart: the captured graph replayed alone (median of 200, CUDA events; no sampling, no
     host work), then the same step run uncaptured under torch.profiler: kernels per step, kernel time per step (its
     sum against the replay shows the launch gaps the graph still has), the slowest kernels."""
@@ -208,16 +224,20 @@ def mamba_task(m, cfg, bsz: int, L: int, new_tokens: int, bw: float) -> dict:
 
 def tasks(args) -> list[tuple[str, int, int, dict]]:
     """(peer, batch, prompt, options) in priority order: the batch-1 comparison first (a run may be cut short)."""
-    first = [("ours", 1, 1024, {}), ("ours", 1, 1024, {"compile": False}), ("mamba", 1, 1024, {}), ("hf", 1, 1024, {}),
-             ("profile", 1, 1024, {"compile": True}), ("profile", 1, 1024, {"compile": False})]
+    first = [("ours", 1, 1024, {}), ("ours", 1, 1024, {"decode_kernels": False}), ("ours", 1, 1024, {"compile": False}),
+             ("mamba", 1, 1024, {}), ("hf", 1, 1024, {}), ("profile", 1, 1024, {"compile": True}),
+             ("profile", 1, 1024, {"compile": True, "decode_kernels": False}), ("ours", 1, 16384, {}),
+             ("ours", 1, 16384, {"decode_kernels": False})]
     if args.quick:
         return first
-    rest = [("ours", b, L, {}) for b, L in GRID if (b, L) != (1, 1024)]
+    rest = [("ours", b, L, {}) for b, L in GRID if (b, L) not in ((1, 1024), (1, 16384))]
     rest += [("mamba", b, L, {}) for b, L in [(8, 1024), (64, 1024), (1, 16384)]]
+    rest += [("hf", b, L, {}) for b, L in [(8, 1024), (1, 16384)]]
+    rest += [("ours", b, L, {"decode_kernels": False}) for b, L in [(8, 1024), (64, 1024)]]
     rest += [("ours", b, L, {"compile": False}) for b, L in [(8, 1024), (64, 1024), (1, 16384)]]
     rest += [("ours", 1, 1024, {"state_dtype": "bfloat16"}), ("ours", 1, 1024, {"cuda_graph": False,
                                                                                 "compile": False})]
-    rest += [("hf", b, L, {}) for b, L in [(8, 1024), (1, 16384), (64, 1024)]]
+    rest += [("profile", 1, 1024, {"compile": False}), ("hf", 64, 1024, {})]
     return first + rest
 
 
@@ -251,7 +271,8 @@ def agree(b: Bench) -> None:
     """Greedy agreement of the compiled and uncompiled decode (bf16 on random weights has near-ties: report it)."""
     by = {}
     for r in b.rows:
-        if r["impl"] == "hybridctl" and r.get("tokens") and "state=float32" in r["note"] and "graph" in r["note"]:
+        if r["impl"] == "hybridctl" and r.get("tokens") and "state=float32" in r["note"] and "graph" in r["note"] \
+                and "cuBLAS" not in r["note"]:
             by.setdefault((r["batch"], r["prompt"]), {})["compiled" in r["note"]] = r["tokens"]
     for (bsz, L), d in by.items():
         if len(d) == 2:

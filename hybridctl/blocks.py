@@ -24,6 +24,19 @@ from hybridctl.config import MLP as MLP_SYMBOL
 Tensor = torch.Tensor
 
 
+def _linear(proj: nn.Module, x: Tensor, *, residual: Tensor | None = None, norm: RMSNorm | None = None,
+            activation: str | None = None) -> Tensor:
+    """``proj(activation(norm(x))) + residual`` for a decode step. A plain nn.Linear goes through ``kernels.linear``
+    (at one row on CUDA: one GEMV kernel with the norm or activation and the residual fused); any other module (the
+    CPU path's prepacked linears, quantized linears) is called as it is."""
+    if type(proj) is nn.Linear:
+        return kernels.linear(x, proj.weight, proj.bias, residual=residual,
+                              norm_weight=None if norm is None else norm.weight,
+                              norm_eps=1e-5 if norm is None else norm.eps, activation=activation)
+    y = proj(kernels.mlp_activation(x if norm is None else norm(x), activation))
+    return y if residual is None else residual + y
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, device=None, dtype=None) -> None:
         super().__init__()
@@ -134,11 +147,14 @@ class Mamba2Mixer(nn.Module):
         y = kernels.rmsnorm_gated(y, z, self.norm.weight, self.norm.eps, self.d_inner // self.ngroups)
         return self.out_proj(y)
 
-    def step(self, u: Tensor, state: MambaState) -> Tensor:
+    def step(self, u: Tensor, state: MambaState, *, residual: Tensor | None = None, norm: RMSNorm | None = None
+             ) -> Tensor:
         """One recurrent decode step: u [B,D] → [B,D], updating state.conv [B,conv_dim,K] and state.ssm [B,H,P,N] in
-        place. Static shapes, no Python-int indexing and no host sync, so it can be captured in a CUDA graph."""
+        place. Static shapes, no Python-int indexing and no host sync, so it can be captured in a CUDA graph.
+        ``norm``: u is the block input, normalised by the in_proj product; ``residual`` is added by out_proj's."""
         bsz = u.shape[0]
-        z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        zxbcdt = _linear(self.in_proj, u, norm=norm)
+        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xBC = kernels.conv_step(state.conv, xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias)
         x, B, C = self._split_xbc(xBC)
         y = kernels.ssm_step(state.ssm, x.reshape(bsz, self.nheads, self.headdim), dt, -torch.exp(self.A_log.float()),
@@ -146,7 +162,7 @@ class Mamba2Mixer(nn.Module):
                              D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
         y = kernels.rmsnorm_gated(y.reshape(bsz, self.d_inner), z, self.norm.weight, self.norm.eps,
                                   self.d_inner // self.ngroups)
-        return self.out_proj(y)
+        return _linear(self.out_proj, y, residual=residual)
 
     def _save_conv_state(self, state: MambaState, xBC: Tensor, seq_idx: Tensor | None, init: Tensor | None) -> None:
         """The last K conv inputs; inputs of an earlier document than the last token's (left padding) are zeroed."""
@@ -209,18 +225,18 @@ class Attention(nn.Module):
         out = kernels.attention(q, k, v, offset=offset, seq_idx=seq_idx, key_valid=key_valid)
         return self.o_proj(out.reshape(bsz, seqlen, self.n_heads * self.dh))
 
-    def step(self, x: Tensor, state: KVState, *, slot: Tensor, key_mask: Tensor, positions: Tensor | None = None
-             ) -> Tensor:
+    def step(self, x: Tensor, state: KVState, *, slot: Tensor, key_mask: Tensor, positions: Tensor | None = None,
+             residual: Tensor | None = None) -> Tensor:
         """One decode step with static shapes (CUDA-graph capturable): x [B,D] → [B,D].
 
         slot [1] long (device tensor): the cache index this token's k/v are written to (``index_copy_``, no
         Python-int slicing); key_mask [B,S_max] bool: the cache slots this query may attend (valid and <= slot);
         positions [B] long: RoPE positions (ignored for NoPE). Attention runs over the whole preallocated cache,
-        masked, so its shapes never change from step to step."""
+        masked, so its shapes never change from step to step. ``residual`` is added by o_proj's product."""
         bsz = x.shape[0]
-        q = self.q_proj(x).view(bsz, 1, self.n_heads, self.dh)
-        k = self.k_proj(x).view(bsz, 1, self.n_kv, self.dh)
-        v = self.v_proj(x).view(bsz, 1, self.n_kv, self.dh)
+        q = _linear(self.q_proj, x).view(bsz, 1, self.n_heads, self.dh)
+        k = _linear(self.k_proj, x).view(bsz, 1, self.n_kv, self.dh)
+        v = _linear(self.v_proj, x).view(bsz, 1, self.n_kv, self.dh)
         a = self.cfg.attention
         if a.position == "rope":
             rot = int(a.rotary_fraction * self.dh)
@@ -228,13 +244,8 @@ class Attention(nn.Module):
             k = apply_rope(k, positions[:, None], a.rope_base, rot)
         state.k.index_copy_(1, slot, k.to(state.k.dtype))
         state.v.index_copy_(1, slot, v.to(state.v.dtype))
-        # GQA without repeating K/V: the A/KV query heads of a group become that KV head's "queries" [B,A/KV,KV,dh]
-        # (head h reads group h // (A/KV), as in the prefill). offset = S_max - 1 makes the causal part of the
-        # mask all-true, so key_mask alone decides.
-        rep = self.n_heads // self.n_kv
-        q = q.view(bsz, self.n_kv, rep, self.dh).transpose(1, 2)
-        out = kernels.attention(q, state.k, state.v, offset=state.k.shape[1] - 1, key_valid=key_mask)
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, self.n_heads * self.dh))
+        out = kernels.decode_attention(q.view(bsz, self.n_heads, self.dh), state.k, state.v, key_mask)
+        return _linear(self.o_proj, out.reshape(bsz, self.n_heads * self.dh), residual=residual)
 
 
 class MLP(nn.Module):
@@ -260,6 +271,14 @@ class MLP(nn.Module):
             h = F.silu(self.gate_proj(x)) * h
         return self.down_proj(h)
 
+    def step(self, x: Tensor, state=None, *, residual: Tensor | None = None, norm: RMSNorm | None = None) -> Tensor:
+        """One decode token x [B,D] → [B,D] (no state); ``norm`` applied by up_proj's product, ``residual`` added by
+        down_proj's (the batch-1 GEMV kernel fuses both)."""
+        h = _linear(self.up_proj, x, norm=norm)
+        if self.activation == "swiglu":
+            return _linear(self.down_proj, F.silu(_linear(self.gate_proj, x, norm=norm)) * h, residual=residual)
+        return _linear(self.down_proj, h, residual=residual, activation=self.activation)
+
 
 class Block(nn.Module):
     """Pre-norm residual layer: x + mixer(RMSNorm(x))."""
@@ -276,7 +295,9 @@ class Block(nn.Module):
 
     def step(self, x: Tensor, state=None, **kw) -> Tensor:
         """One decode token: x [B,D] → [B,D], ``x + mixer.step(norm(x), state, **kw)``; ``state`` is this layer's
-        cache entry (updated in place; unused by MLP, which has no step state)."""
-        h = self.norm(x)
-        h = self.mixer(h) if self.kind == MLP_SYMBOL else self.mixer.step(h, state, **kw)
-        return x + h
+        cache entry (updated in place; unused by MLP, which has no step state). The mixer's first products apply the
+        norm and its last adds the residual (one kernel each at batch 1 on CUDA, see ``_linear``); attention's three
+        input products share one explicit norm instead."""
+        if self.kind == ATTENTION:
+            return self.mixer.step(self.norm(x), state, residual=x, **kw)
+        return self.mixer.step(x, state, residual=x, norm=self.norm)

@@ -35,12 +35,14 @@ class _Kernels:
     conv1d: Callable[..., Any] | None = None  # causal_conv1d_fn
     conv1d_update: Callable[..., Any] | None = None  # causal_conv1d_update
     flash_attn: Callable[..., Any] | None = None  # flash_attn_func
+    triton_ops: types.ModuleType | None = None  # hybridctl.triton_kernels (batch-1 GEMV, decode attention)
     errors: tuple[str, ...] = ()
 
 
 _requested: str | None = None
 _loaded: _Kernels | None = None
 _inline = False  # inline_ops(): every op takes its pure-PyTorch twin, for torch.compile to fuse
+_decode_kernels = True  # hybridctl's own Triton decode kernels (GEMV, decode attention); off: cuBLAS / SDPA
 
 
 def _import_mamba_ssm() -> types.ModuleType:
@@ -87,6 +89,12 @@ def _load() -> _Kernels:
             k.conv1d, k.conv1d_update = causal_conv1d_fn, causal_conv1d_update
         except Exception as e:  # noqa: BLE001
             errors.append(f"causal_conv1d: {type(e).__name__}: {e}")
+        try:
+            from hybridctl import triton_kernels
+
+            k.triton_ops = triton_kernels
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"triton: {type(e).__name__}: {e}")
         try:
             from flash_attn import flash_attn_func
 
@@ -138,15 +146,18 @@ def describe() -> dict[str, Any]:
     k = _load() if eff == "kernel" else _Kernels()
     return {"backend": eff, "requested": _requested, "ssd": "mamba_ssm" if eff == "kernel" else "ref",
             "conv1d": "causal_conv1d" if k.conv1d else "torch conv1d (causal_conv1d not installed)" if eff == "kernel"
-            else "ref", "attention": "flash_attn" if k.flash_attn else "sdpa"}
+            else "ref", "attention": "flash_attn" if k.flash_attn else "sdpa",
+            "decode": "hybridctl triton (batch-1 GEMV, split-KV attention)" if k.triton_ops and _decode_kernels
+            else "cuBLAS / sdpa"}
 
 
 @contextlib.contextmanager
 def inline_ops():
     """Within this block every dispatcher takes its pure-PyTorch twin (ref.py), whatever the backend: for code traced
     by ``torch.compile``, whose generated kernels then fuse each op with its neighbours (the compiled decode step).
-    Matrix products stay library calls (cuBLAS): Inductor's own matrix-vector reductions were slower for a decode
-    step (benchmarks/generate_gpu.md). Dynamo guards on the flag, so a function compiled inside the block must also
+    Matrix products stay library calls (cuBLAS, or the batch-1 GEMV of ``linear``) and decode attention stays
+    ``decode_attention``: Inductor's own matrix-vector reductions were slower for a decode step
+    (benchmarks/generate_gpu.md). Dynamo guards on the flag, so a function compiled inside the block must also
     be called inside it."""
     global _inline
     before, _inline = _inline, True
@@ -154,6 +165,27 @@ def inline_ops():
         yield
     finally:
         _inline = before
+
+
+@contextlib.contextmanager
+def decode_kernels(enabled: bool):
+    """Within this block hybridctl's own decode kernels (``linear`` at one row, ``decode_attention``) are on or off;
+    off, those ops take cuBLAS / SDPA: for side-by-side benchmarks. Dynamo guards on the flag as on ``_inline``."""
+    global _decode_kernels
+    before, _decode_kernels = _decode_kernels, enabled
+    try:
+        yield
+    finally:
+        _decode_kernels = before
+
+
+def _decode_ops_for(t: torch.Tensor) -> types.ModuleType | None:
+    """hybridctl.triton_kernels for CUDA bf16/fp16 tensors under the kernel backend (also inside ``inline_ops``: the
+    ops are opaque custom ops that torch.compile calls as they are), else None."""
+    if not _decode_kernels or not t.is_cuda or t.dtype not in (torch.bfloat16, torch.float16) \
+            or backend() != "kernel":
+        return None
+    return _load().triton_ops
 
 
 def _kernels_for(t: torch.Tensor) -> _Kernels | None:
@@ -214,6 +246,10 @@ def rmsnorm(x, weight, eps):
     return ref.rmsnorm(x, weight, eps)
 
 
+def mlp_activation(x, name):
+    return ref.mlp_activation(x, name)
+
+
 def rmsnorm_gated(x, z, weight, eps, group_size):
     k = _kernels_for(x)
     if k is None:
@@ -227,3 +263,22 @@ def attention(q, k, v, *, offset=0, seq_idx=None, key_valid=None):
     if kk is not None and kk.flash_attn is not None and plain and q.dtype in (torch.float16, torch.bfloat16):
         return kk.flash_attn(q, k, v, causal=True)
     return ref.attention(q, k, v, offset=offset, seq_idx=seq_idx, key_valid=key_valid)
+
+
+def decode_attention(q, k, v, key_mask):
+    ops = _decode_ops_for(q)
+    dh = q.shape[-1]
+    if ops is None or k.dtype != q.dtype or dh < 16 or dh & (dh - 1) or q.shape[1] % k.shape[2]:
+        return ref.decode_attention(q, k, v, key_mask)
+    return ops.decode_attention(q, k, v, key_mask)
+
+
+def linear(x, weight, bias=None, *, residual=None, norm_weight=None, norm_eps=1e-5, activation=None):
+    ops = _decode_ops_for(x)
+    if ops is None or x.numel() != x.shape[-1] or weight.dtype != x.dtype or weight.stride(-1) != 1 \
+            or (norm_weight is not None and activation is not None):
+        return ref.linear(x, weight, bias, residual=residual, norm_weight=norm_weight, norm_eps=norm_eps,
+                          activation=activation)
+    y = ops.gemv(x.reshape(1, -1), weight, bias, None if residual is None else residual.reshape(1, -1), norm_weight,
+                 float(norm_eps), activation)
+    return y.view(*x.shape[:-1], weight.shape[0])

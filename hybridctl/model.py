@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hybridctl import kernels
 from hybridctl.blocks import Attention, Block, KVState, Mamba2Mixer, MambaState, RMSNorm
 from hybridctl.config import ATTENTION, LAYER_NAMES, MAMBA, ModelConfig
 
@@ -134,8 +135,13 @@ class HybridLM(nn.Module):
         return (head or HybridLM.head)(self, x)
 
     def head(self, x: Tensor) -> Tensor:
-        """Final norm and LM head: hidden states [..., D] → logits [..., V]."""
-        return self.logits(self.norm_f(x))
+        """Final norm and LM head: hidden states [..., D] → logits [..., V] (one GEMV kernel at batch 1 on CUDA, see
+        ``kernels.linear``). A twin that replaces ``logits`` on the instance (the CPU fast path's prepacked head)
+        gets its own product called."""
+        if "logits" in vars(self):
+            return self.logits(self.norm_f(x))
+        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return kernels.linear(x, w, norm_weight=self.norm_f.weight, norm_eps=self.norm_f.eps)
 
     # ---- inference cache ------------------------------------------------------------------------------------------
     def allocate_cache(self, batch_size: int, max_seqlen: int, *, device=None, dtype=None,

@@ -289,3 +289,38 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, offset: int = 0, seq_idx: Tens
     else:
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=gqa)
     return out.transpose(1, 2)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
+    """One query token per row against a KV cache: q [B,A,dh], k/v [B,S,KV,dh], key_mask [B,S] bool (the slots this
+    row may attend) → [B,A,dh]; head h reads KV group h // (A/KV); scale dh^-0.5.
+
+    GQA without repeating K/V: a group's A/KV query heads become that KV head's "queries" [B,A/KV,KV,dh], and
+    offset S-1 makes the causal part of the mask all-true, so key_mask alone decides."""
+    bsz, n_heads, dh = q.shape
+    n_kv = k.shape[2]
+    qg = q.view(bsz, n_kv, n_heads // n_kv, dh).transpose(1, 2)
+    out = attention(qg, k, v, offset=k.shape[1] - 1, key_valid=key_mask)
+    return out.transpose(1, 2).reshape(bsz, n_heads, dh)
+
+
+def mlp_activation(x: Tensor, name: str | None) -> Tensor:
+    """The MLP activations that act on one tensor: None, "gelu" (erf), "relu2" (relu squared)."""
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "relu2":
+        return torch.square(F.relu(x))
+    if name is None:
+        return x
+    raise ValueError(f"activation {name!r} is not one of gelu, relu2")
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, residual: Tensor | None = None,
+           norm_weight: Tensor | None = None, norm_eps: float = 1e-5, activation: str | None = None) -> Tensor:
+    """x [..., K] → [..., N]: (rmsnorm(x) when norm_weight is given, else x), then the activation ("gelu", "relu2"),
+    · weightᵀ + bias, then + residual."""
+    if norm_weight is not None:
+        x = rmsnorm(x, norm_weight, norm_eps)
+    x = mlp_activation(x, activation)
+    y = F.linear(x, weight, bias)
+    return y if residual is None else residual + y

@@ -115,9 +115,9 @@ def test_compiled_decode_step_bf16_error_vs_fp32(rows, record):
     ids = torch.randint(0, cfg.vocab_size, (rows, 40), device="cuda")
     nxt = torch.randint(0, cfg.vocab_size, (8, rows), device="cuda")
 
-    def run(model, compile, backend):
+    def run(model, compile, backend, decode_kernels=True):
         kernels.set_backend(backend)
-        with torch.inference_mode():
+        with torch.inference_mode(), kernels.decode_kernels(decode_kernels):
             cache = model.allocate_cache(rows, 64)
             step = DecodeStep(model, cache, rows, torch.device("cuda"), use_graph=True, compile=compile)
             step.capture()
@@ -133,8 +133,61 @@ def test_compiled_decode_step_bf16_error_vs_fp32(rows, record):
 
     want = run(m32, False, "ref")
     e_eager, e_comp = rel(run(m16, False, "kernel"), want), rel(run(m16, True, "kernel"), want)
+    e_lib = rel(run(m16, True, "kernel", decode_kernels=False), want)  # cuBLAS / SDPA instead of our Triton ops
     record(f"bf16 decode vs fp32, batch {rows}: uncompiled / compiled", e_eager, e_comp)
-    assert e_comp < 2e-2 and e_comp <= 1.5 * e_eager + 1e-3
+    record(f"bf16 decode vs fp32, batch {rows}: compiled with cuBLAS+SDPA / with hybridctl's kernels", e_lib, e_comp)
+    assert e_comp < 2e-2 and e_comp <= 1.5 * e_eager + 1e-3 and e_comp <= 1.5 * e_lib + 1e-3
+
+
+# the decode products of hybrid-1.3b (N, K): in_proj, out_proj, MLP up, MLP down, q/o, k/v, and an odd shape
+GEMV_SHAPES = [(10304, 2048), (2048, 4096), (8192, 2048), (2048, 8192), (2048, 2048), (1024, 2048), (1000, 1030)]
+
+
+@pytest.mark.parametrize("n,k", GEMV_SHAPES)
+def test_gemv_kernel_bf16_vs_fp64(n, k):
+    """The batch-1 GEMV (norm prologue, bias, residual epilogue) vs fp64 math on the same bf16 inputs: within the
+    bf16 rounding of the output, and no further from it than cuBLAS + the PyTorch norm (ref.linear)."""
+    from hybridctl import triton_kernels as tk
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, k, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(n, k, device="cuda", generator=g) / math.sqrt(k)).bfloat16()
+    b = torch.randn(n, device="cuda", generator=g).bfloat16()
+    r = torch.randn(1, n, device="cuda", generator=g).bfloat16()
+    nw = (torch.rand(k, device="cuda", generator=g) + 0.5).bfloat16()
+    for bias, res, norm in [(None, None, None), (b, r, nw), (None, r, None), (None, None, nw)]:
+        y = tk.gemv(x, w, bias, res, norm, 1e-5).double()
+        xin = x.double() if norm is None else ref.rmsnorm(x.double(), norm.double(), 1e-5)  # exact normalised x
+        want = torch.nn.functional.linear(xin, w.double(), None if bias is None else bias.double())
+        if res is not None:
+            want = want.bfloat16().double() + res.double()
+        lib = ref.linear(x, w, bias, residual=res, norm_weight=norm, norm_eps=1e-5).double()
+        err, lib_err = (y - want).abs().max().item(), (lib - want).abs().max().item()
+        scale = want.abs().max().item()
+        assert err <= 2**-7 * scale and err <= 1.5 * lib_err + 2**-9 * scale, (n, k, err, lib_err, scale)
+    y = tk.gemv(x, w, None, r, None, 0.0, "gelu").double()  # the MLP down product: gelu on the hidden state
+    want = torch.nn.functional.linear(ref.mlp_activation(x, "gelu").double(), w.double()).bfloat16().double() + r
+    assert (y - want).abs().max().item() <= 2**-7 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("bsz,seqlen", [(1, 1088), (1, 16448), (8, 1088), (3, 100)])
+def test_decode_attention_kernel_bf16_vs_fp64(bsz, seqlen):
+    """Split-KV decode attention in bf16 (16 heads, 8 KV groups, dh 128, a cache half full and some invalid slots)
+    vs fp64 math, no further than PyTorch's SDPA on the same bf16 inputs."""
+    from hybridctl import triton_kernels as tk
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(bsz, 16, 128, device="cuda", generator=g).bfloat16()
+    k = torch.randn(bsz, seqlen, 8, 128, device="cuda", generator=g).bfloat16()
+    v = torch.randn(bsz, seqlen, 8, 128, device="cuda", generator=g).bfloat16()
+    mask = torch.rand(bsz, seqlen, device="cuda", generator=g) < 0.9
+    mask[:, seqlen // 2:] = False
+    mask[:, 0] = True
+    y = tk.decode_attention(q, k, v, mask).double()
+    want = ref.decode_attention(q.double(), k.double(), v.double(), mask)
+    lib = ref.decode_attention(q, k, v, mask).double()
+    err, lib_err = (y - want).abs().max().item(), (lib - want).abs().max().item()
+    assert err <= 1e-2 and err <= 2 * lib_err + 1e-3, (err, lib_err)
 
 
 @pytest.fixture

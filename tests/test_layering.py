@@ -7,7 +7,7 @@ PKG = Path(__file__).resolve().parents[1] / "hybridctl"
 WORKFLOWS = {"build", "train", "extend_context", "convert", "quantize", "generate"}
 RANK = {
     "__init__": 0, "config": 0, "recipe": 0,
-    "ref": 1, "kernels": 1,
+    "ref": 1, "kernels": 1, "triton_kernels": 1,
     "blocks": 2, "model": 2, "sampling": 2,
     "checkpoint": 3, "qlinear": 3, "parallel": 3, "data": 3, "corpora": 3, "tokenizer": 3,
     **{w: 4 for w in WORKFLOWS},
@@ -53,6 +53,9 @@ def test_imports_respect_the_layers():
             top = name.split(".")[0]
             if top in KERNEL_LIBS and me != "kernels":
                 problems.append(f"{where}:{line} imports {name} (only kernels.py may)")
+            if (top == "triton" and me != "triton_kernels") or (name.endswith("triton_kernels") and me != "kernels"):
+                problems.append(f"{where}:{line} imports {name} (triton only in triton_kernels.py, which only "
+                                "kernels.py imports)")
             if top == "typer" and me != "cli":
                 problems.append(f"{where}:{line} imports typer (only cli.py may)")
             if top == "safetensors" and me != "checkpoint":
