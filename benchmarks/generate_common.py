@@ -7,7 +7,8 @@
   cancels the prefill.
 - ``bytes_per_step``: the memory a decode step must read (all weights except the embedding table, of which only B rows
   are gathered; SSM/conv state read + written; the KV cache up to the mean position) — the roofline's numerator.
-- ``matvec_bandwidth`` / ``copy_bandwidth``: the achievable memory bandwidth, measured on this machine.
+- ``matvec_bandwidth`` / ``copy_bandwidth``: the achievable memory bandwidth, measured on this machine
+  (``matvec_bandwidths``: each matrix-vector implementation and a plain streaming read, separately).
 """
 
 from __future__ import annotations
@@ -114,20 +115,50 @@ def bytes_per_step(model, batch: int, mean_kv_len: int, state_bytes: int = 4) ->
     return total + batch * (2 * (ssm + conv) + kv)
 
 
-def matvec_bandwidth(device: torch.device, dtype: torch.dtype, mbytes: int = 512, repeats: int = 10) -> float:
-    """Bytes/s of y = W x over a matrix far larger than the caches: the rate a decode step can stream weights."""
-    esize = torch.empty((), dtype=dtype).element_size()
-    rows = mbytes * 2**20 // (esize * 4096)
-    w = torch.randn(rows, 4096, device=device, dtype=dtype)
-    x = torch.randn(1, 4096, device=device, dtype=dtype)
+def _best_time(device: torch.device, fn: Callable[[], Any], repeats: int) -> float:
     best = math.inf
     for _ in range(repeats):
         _sync(device)
         t = time.perf_counter()
-        torch.nn.functional.linear(x, w)
+        fn()
         _sync(device)
         best = min(best, time.perf_counter() - t)
-    return w.numel() * esize / best
+    return best
+
+
+def matvec_bandwidths(device: torch.device, dtype: torch.dtype, mbytes: int = 512, repeats: int = 10
+                      ) -> dict[str, float]:
+    """Bytes/s of y = W x (W [rows, 4096], x [1, 4096]) over a matrix far larger than the caches, per way of computing
+    it, plus ``read`` = W.sum() (a plain streaming read of the same bytes, for reference).
+
+    ``F.linear`` is MKL's sgemv on the CPU, which streams at only about half of what the memory delivers on the
+    2-core EPYC VMs; ``onednn`` (CPU fp32 only) is oneDNN's inner product on a weight reordered once
+    (``mkldnn._reorder_linear_weight`` + ``mkldnn._linear_pointwise``, what Inductor's freezing pass and
+    hybridctl's CPU fast path run), ``onednn_to_mkldnn`` the older mkldnn_linear with per-call to_mkldnn/to_dense."""
+    esize = torch.empty((), dtype=dtype).element_size()
+    rows = mbytes * 2**20 // (esize * 4096)
+    w = torch.randn(rows, 4096, device=device, dtype=dtype)
+    x = torch.randn(1, 4096, device=device, dtype=dtype)
+    nbytes = w.numel() * esize
+    out = {"F.linear": nbytes / _best_time(device, lambda: torch.nn.functional.linear(x, w), repeats)}
+    if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        out["onednn"] = nbytes / _best_time(
+            device, lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), repeats)
+        del packed
+        wm = w.to_mkldnn()
+        out["onednn_to_mkldnn"] = nbytes / _best_time(
+            device, lambda: torch._C._nn.mkldnn_linear(x.to_mkldnn(), wm, None).to_dense(), repeats)
+        del wm
+    out["read"] = nbytes / _best_time(device, w.sum, repeats)
+    return out
+
+
+def matvec_bandwidth(device: torch.device, dtype: torch.dtype, mbytes: int = 512, repeats: int = 10) -> float:
+    """Bytes/s of the fastest y = W x available here (``matvec_bandwidths`` without ``read``): the rate a decode
+    step can stream weights, the roofline's denominator. On the GPU that is F.linear (cuBLAS gemv)."""
+    bws = matvec_bandwidths(device, dtype, mbytes, repeats)
+    return max(v for k, v in bws.items() if k != "read")
 
 
 def copy_bandwidth(device: torch.device, mbytes: int = 1024, repeats: int = 10) -> float:

@@ -276,8 +276,8 @@ def generate(
     cuda_graph: Annotated[bool, typer.Option(help="Replay the decode step from a CUDA graph (GPU).")] = True,
     compile: Annotated[Optional[bool], typer.Option(
         "--compile/--no-compile", help="torch.compile the decode step (each layer's elementwise work fused into a few "
-        "kernels): faster GPU decode after a one-off compile, reported as warm-up. Default: on for CUDA, off on the "
-        "CPU.",
+        "kernels): faster GPU decode after a one-off compile, reported as warm-up. Default: on for CUDA; on the CPU "
+        "only the batch-1 matrix-vector product of the large weights is compiled (--no-compile: nothing is).",
         show_default=False)] = None,
     json_: JsonOpt = False,
     verbose: VerboseOpt = False,

@@ -93,6 +93,67 @@ def test_cpu_fast_twin_matches_decode_step(tie):
     assert cpu_fast_twin(model) is not twin
 
 
+@pytest.mark.parametrize("matvec", [False, True])
+def test_packed_linear_paths_match_f_linear(monkeypatch, matvec):
+    """_PackedLinear's three CPU paths give F.linear: one row on the dense weight (oneDNN) or on the compiled
+    matrix-vector product (weights from MATVEC_MIN_BYTES), several rows on the blocked copy; bias included."""
+    import hybridctl.generate as g
+
+    if not (torch.backends.mkldnn.is_available() and g._onednn_linear_ops()):
+        pytest.skip("no oneDNN linear ops in this torch build")
+    monkeypatch.setattr(g, "MATVEC_MIN_BYTES", 0 if matvec else 1 << 62)
+    w, b = torch.randn(40, 24), torch.randn(40)
+    fn = g.compiled_matvec([(40, 24)]) if matvec else None
+    if matvec and fn is None:
+        pytest.skip(f"torch.compile unavailable here: {g._matvec_error}")
+    lin = g._PackedLinear(w, b, fn)
+    assert (lin.matvec is not None) is matvec
+    with torch.inference_mode():
+        for x in (torch.randn(1, 24), torch.randn(24), torch.randn(1, 1, 24), torch.randn(3, 24)):
+            torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_fast_twin_batch1_compiled_matvec_matches_decode_step(monkeypatch):
+    """At batch 1 with every weight on the compiled matrix-vector product, the twin computes the model's step."""
+    import hybridctl.generate as g
+
+    monkeypatch.setattr(g, "MATVEC_MIN_BYTES", 0)
+    model = make_model(pattern="*M-M*M")
+    twin = g.cpu_fast_twin(model, matvec=True)
+    if twin is model or twin.packed_head.matvec is None:
+        pytest.skip(f"no CPU fast path / torch.compile here: {g._matvec_error}")
+    ids = torch.randint(0, 384, (1, 9))
+    with torch.inference_mode():
+        caches = [model.allocate_cache(1, 16), model.allocate_cache(1, 16)]
+        for c in caches:
+            model(ids, cache=c)
+        slot = torch.tensor([9])
+        for t in range(4):
+            tok = torch.full((1,), 7 + t)
+            a = model.decode_step(tok, caches[0], slot, slot.expand(1))
+            b = twin.decode_step(tok, caches[1], slot, slot.expand(1))
+            slot += 1
+            assert (a - b).abs().max() < 1e-4
+    assert_caches_close(caches[1], caches[0])
+
+
+def test_generate_compiles_the_cpu_matvec_only_at_batch_1_and_not_with_no_compile(monkeypatch):
+    """The compiled matrix-vector product (seconds of compile) is built for batch-1 CPU decode with compile left at
+    its default, not for a batch, not with compile=False; the tokens do not depend on it."""
+    import hybridctl.generate as g
+
+    monkeypatch.setattr(g, "MATVEC_MIN_BYTES", 0)
+    model = make_model(pattern="*M-M*M")
+    off = generate(model, [[1, 2, 3]], max_new_tokens=4, compile=False)
+    batch = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=4)
+    assert not off.extra["cpu_compiled_matvec"] and not batch.extra["cpu_compiled_matvec"]
+    assert off.extra["cpu_fast_path"] and batch.tokens[0] == off.tokens[0]
+    on = generate(model, [[1, 2, 3]], max_new_tokens=4)
+    if not on.extra["cpu_compiled_matvec"]:
+        pytest.skip(f"torch.compile unavailable here: {g._matvec_error}")
+    assert on.tokens == off.tokens
+
+
 @pytest.mark.parametrize("rows", [1, 2])
 def test_compiled_decode_step_matches_the_eager_step(rows):
     """The torch.compile'd decode step (one graph per layer kind over the pure-PyTorch ops) computes the same
