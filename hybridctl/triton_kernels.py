@@ -77,10 +77,10 @@ ACTIVATIONS = {None: 0, "gelu": 1, "relu2": 2}
 
 def gemv_config(n: int, k: int, norm: bool = False, activation: Optional[str] = None) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for an N×K weight, from a sweep of 48 configs over hybrid-1.3b's decode products
-    on an H200, each with the work the step fuses into it (benchmarks/gemv_sweep.md). With the norm folded in, a
-    short K block (the Σx² and norm-weight vectors cost registers: 2048 wide was 1.5× slower); with the activation,
-    8 rows and 8 warps; otherwise 4 rows × 2048 columns per step of a program, 4 warps. Each was within 0–6% of the
-    best config of every shape it serves."""
+    on an H200, each with the work the step fuses into it (benchmarks/gemv_sweep.py; generate_gpu.md, run D). With
+    the norm folded in, a short K block (the Σx² and norm-weight vectors cost registers: 2048 wide was 1.5× slower);
+    with the activation, 8 rows and 8 warps; otherwise 4 rows × 2048 columns per step of a program, 4 warps. Each
+    was within 0–7% of the best config of every shape it serves."""
     block_k = max(16, triton.next_power_of_2(k))
     if norm:
         return 8, min(256, block_k), 2
