@@ -4,6 +4,10 @@ The backend is chosen once (``auto`` | ``kernel`` | ``ref``), from ``set_backend
 ``HYBRIDCTL_BACKEND`` environment variable, and logged once. ``auto`` uses the kernels for CUDA tensors when they
 import and the pure-PyTorch twins (ref.py) otherwise; ``kernel`` raises if they are missing. Every function has the
 signature of its ref twin; CPU tensors always take the ref path (the kernels are CUDA-only).
+
+hybridctl's own Triton kernels (``triton_kernels.py``: the batch-1 GEMV and the split-KV decode attention of the
+decode step) are imported here too, and only here; ``linear`` and ``decode_attention`` use them for CUDA bf16/fp16
+tensors under the kernel backend (``decode_kernels(False)`` turns them off for side-by-side benchmarks).
 """
 
 from __future__ import annotations
