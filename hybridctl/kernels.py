@@ -272,7 +272,8 @@ def attention(q, k, v, *, offset=0, seq_idx=None, key_valid=None):
 def decode_attention(q, k, v, key_mask):
     ops = _decode_ops_for(q)
     dh = q.shape[-1]
-    if ops is None or k.dtype != q.dtype or dh < 16 or dh & (dh - 1) or q.shape[1] % k.shape[2]:
+    if ops is None or k.dtype != q.dtype or v.dtype != q.dtype or dh < 16 or dh & (dh - 1) \
+            or q.shape[1] % k.shape[2] or k.stride(-1) != 1 or v.stride(-1) != 1:
         return ref.decode_attention(q, k, v, key_mask)
     return ops.decode_attention(q, k, v, key_mask)
 

@@ -111,8 +111,9 @@ def gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[T
     """x [1,K] → [1,N]: act(x) or rmsnorm(x, norm_weight, eps) or x, · weightᵀ + bias + residual; act: None, "gelu"
     (erf) or "relu2"."""
     out = torch.empty(1, weight.shape[0], device=x.device, dtype=x.dtype)
-    return gemv_launch(x.contiguous(), weight, bias, None if residual is None else residual.contiguous(), norm_weight,
-                       eps, out, activation=activation)
+    return gemv_launch(x.contiguous(), weight, None if bias is None else bias.contiguous(),
+                       None if residual is None else residual.contiguous(),
+                       None if norm_weight is None else norm_weight.contiguous(), eps, out, activation=activation)
 
 
 @gemv.register_fake
@@ -214,7 +215,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tenso
     ml = torch.empty(bsz * n_heads * n_splits, 2, device=q.device, dtype=torch.float32)
     q = q.contiguous()
     out = torch.empty_like(q)
-    mask = key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask
+    mask = key_mask.contiguous()
+    mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     _decode_attn_kernel[(bsz, n_kv, n_splits)](
         q, k, v, mask, acc, ml, seqlen, split_len, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), mask.stride(0), 1.0 / math.sqrt(dh), n_heads, n_splits,
