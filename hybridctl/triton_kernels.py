@@ -1,18 +1,19 @@
 """hybridctl's own Triton kernels for the batch-1 decode step; imported only by kernels.py, and only where Triton
 imports (CUDA machines). Each has a pure-PyTorch twin in ref.py with the same meaning.
 
-- ``gemv``: y [1,N] = act?(rmsnorm?(x)) [1,K] · Wᵀ (+ bias) (+ residual), one pass over W with no split-K. cuBLAS picks
-  split-K kernels for the K-large decode products (out_proj, MLP down), which ran at 2.3 TB/s on an H200 plus a
-  separate reduction kernel (benchmarks/generate_gpu.md). The RMSNorm is folded in by linearity (each program
-  accumulates Σx² beside the product and scales by rstd at the end, so the normalised x is never rounded to bf16:
-  at least as accurate as the norm-then-product of ref.linear), the MLP's activation applied to x as it is loaded
-  and the residual added in the epilogue: a norm kernel, an activation kernel and an add fewer per layer.
+- ``gemv``: y [1,N] = (rmsnorm(x) or act(x) or x) · Wᵀ (+ bias) (+ residual), x [1,K], one pass over W with no
+  split-K. cuBLAS picks split-K kernels for the K-large decode products (out_proj, MLP down), which ran at 2.3 TB/s
+  on an H200 plus a separate reduction kernel (benchmarks/generate_gpu.md). The RMSNorm is folded in by linearity
+  (each program accumulates Σx² beside the product and scales by rstd at the end, so the normalised x is never
+  rounded to bf16: at least as accurate as the norm-then-product of ref.linear), the MLP's activation is applied to
+  x as it is loaded and the residual added in the epilogue: a norm kernel, an activation kernel and an add fewer
+  per layer.
 - ``decode_attention``: one query token per row against a preallocated KV cache with a key mask, split over the
   keys (flash-decoding) so a 16K cache is read by every SM, and blocks without a valid key are skipped (the unused
   tail of the cache costs nothing).
 
 Both are registered as ``torch.library`` custom ops, so ``torch.compile(fullgraph=True)`` keeps them as opaque
-calls and CUDA graphs capture them (no host synchronisation, no allocation but the outputs).
+calls and CUDA graphs capture them (no host synchronisation; they allocate only their outputs and scratch).
 """
 
 import functools
@@ -94,6 +95,8 @@ def gemv_launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Opt
                 config: Optional[tuple[int, int, int]] = None, activation: Optional[str] = None) -> Tensor:
     """Launch the kernel into ``out`` [1,N] (x [1,K] contiguous, weight [N,K] with unit stride along K)."""
     n, k = weight.shape
+    if norm_weight is not None and activation is not None:  # the norm is folded in by linearity: not under an act
+        raise ValueError("gemv applies a norm or an activation to x, not both")
     block_n, block_k, warps = config or gemv_config(n, k, norm_weight is not None, activation)
     dummy = out
     _gemv_kernel[(triton.cdiv(n, block_n),)](

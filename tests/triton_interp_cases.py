@@ -1,9 +1,9 @@
 """hybridctl's Triton kernels run by Triton's CPU interpreter (TRITON_INTERPRET=1), against fp64 references.
 
-Not collected by itself (the interpreter must be switched on before triton_kernels is imported): test_triton_kernels.py
-runs this file in a subprocess. The interpreter's bf16 is not faithful (tl.dot of bf16 returns garbage, fp32 → bf16 conversion is
-off by up to 2 ulps: Triton 3.9), so the kernels are checked in fp16/fp32 here and in bf16 on a GPU
-(tests/test_gpu.py)."""
+Not a test_*.py file: the interpreter must be switched on before triton_kernels is imported, so
+test_triton_kernels.py runs this file in a subprocess. The interpreter's bf16 is not faithful (tl.dot of bf16
+returns garbage, fp32 → bf16 conversion is off by up to 2 ulps: Triton 3.9), so the kernels are checked in
+fp16/fp32 here and in bf16 on a GPU (tests/test_gpu.py)."""
 
 import os
 
@@ -60,6 +60,12 @@ def test_gemv_activation_prologue(activation):
     want = torch.nn.functional.linear(xin, w.double()).to(torch.float16).double() + r.double()
     err = (y - want).abs().max().item()
     assert err <= 2 * ULP[torch.float16] * (want.abs().max().item() + 1), err
+
+
+def test_gemv_refuses_a_norm_under_an_activation():
+    x, w, _, _, nw = _gemv_inputs(16, 32, torch.float32, False, False, True)
+    with pytest.raises(ValueError, match="not both"):
+        tk.gemv_launch(x, w, None, None, nw, 1e-5, torch.empty(1, 16), activation="gelu")
 
 
 def test_gemv_custom_op_and_fake():
