@@ -175,6 +175,16 @@ _matvec_fn: Callable[[Tensor, Tensor], Tensor] | None = None
 _matvec_error: str | None = None
 
 
+def _raise_recompile_limit(n: int) -> None:
+    """Dynamo keeps at most recompile_limit graphs per compiled function, then silently runs it uncompiled: make room
+    for ``n`` (the process-wide limit only ever grows)."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(cfg, name, max(getattr(cfg, name), n))
+
+
 def _matvec(w: Tensor, x: Tensor) -> Tensor:
     """w [N,K], x [K] → [N]: one fused multiply-reduce pass over w when compiled."""
     return (w * x).sum(-1)
@@ -193,11 +203,7 @@ def compiled_matvec(shapes: Sequence[tuple[int, int]]) -> Callable[[Tensor, Tens
         return None
     try:
         if _matvec_fn is None:
-            from torch import _dynamo
-
-            cfg = _dynamo.config  # one graph per weight shape (× grad mode) must fit: see compiled_step_fns
-            name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-            setattr(cfg, name, max(getattr(cfg, name), 64))
+            _raise_recompile_limit(64)  # one graph per weight shape (× grad mode) must fit
             _matvec_fn = torch.compile(_matvec, dynamic=False)
         with torch.inference_mode():
             for n, k in sorted(set(shapes)):
@@ -232,13 +238,13 @@ class _PackedLinear(torch.nn.Module):
         self.dense = weight.detach().contiguous()
         self.big = self.dense.numel() * self.dense.element_size() >= MATVEC_MIN_BYTES
         self.matvec = matvec if self.big else None
+        self.bias_dense = None if bias is None else bias.detach()
         if self.pointwise:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.dense, None)  # blocked (AB16b64a)
-            self.packed_bias = None if bias is None else bias.detach()
+            self.packed_bias = self.bias_dense
         else:
             self.packed = self.dense.to_mkldnn()
-            self.packed_bias = None if bias is None else bias.detach().to_mkldnn()
-        self.bias_dense = None if bias is None else bias.detach()
+            self.packed_bias = None if bias is None else self.bias_dense.to_mkldnn()
 
     def forward(self, x: Tensor) -> Tensor:
         one_row = x.numel() == x.shape[-1]
@@ -314,16 +320,10 @@ def compiled_step_fns() -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
     the number of layer kinds, not layers); a new batch size or cache length recompiles once, then runs dynamic."""
     global _compiled_fns
     if _compiled_fns is None:
-        import torch._dynamo
-
         from hybridctl.blocks import Block
         from hybridctl.model import HybridLM
 
-        # Dynamo keeps at most recompile_limit graphs per function (then silently runs it uncompiled): Block.step
-        # needs one per layer kind × dtype × device, before shapes turn dynamic.
-        cfg = torch._dynamo.config
-        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-        setattr(cfg, name, max(getattr(cfg, name), 64))
+        _raise_recompile_limit(64)  # Block.step: one graph per layer kind × dtype × device, then dynamic shapes
         _compiled_fns = (torch.compile(Block.step, fullgraph=True), torch.compile(HybridLM.head, fullgraph=True))
     return _compiled_fns
 

@@ -63,6 +63,24 @@ def test_greedy_equals_full_forward_argmax(pattern, position, fast_cpu):
     assert res.extra["cpu_fast_path"] is fast_cpu
 
 
+def assert_twin_steps_match(model, twin, rows: int) -> None:
+    """After the same 9-token prefill, four decode steps of ``twin`` give the logits (within 1e-4) and caches of
+    ``model.decode_step``."""
+    ids = torch.randint(0, 384, (rows, 9))
+    with torch.inference_mode():
+        caches = [model.allocate_cache(rows, 16), model.allocate_cache(rows, 16)]
+        for c in caches:
+            model(ids, cache=c)
+        slot = torch.tensor([9])
+        for t in range(4):
+            tok = torch.full((rows,), 7 + t)
+            a = model.decode_step(tok, caches[0], slot, slot.expand(rows))
+            b = twin.decode_step(tok, caches[1], slot, slot.expand(rows))
+            slot += 1
+            assert (a - b).abs().max() < 1e-4
+    assert_caches_close(caches[1], caches[0])
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_cpu_fast_twin_matches_decode_step(tie):
     """The CPU fast path (oneDNN-prepacked linears, in-place SSM update) computes the same step, leaves the model
@@ -75,19 +93,7 @@ def test_cpu_fast_twin_matches_decode_step(tie):
     assert twin is not model and cpu_fast_twin(model) is twin
     assert all(type(m.mixer.in_proj) is torch.nn.Linear and type(m.mixer) is Mamba2Mixer
                for m in model.layers if m.kind == "M")
-    ids = torch.randint(0, 384, (3, 9))
-    with torch.inference_mode():
-        caches = [model.allocate_cache(3, 16), model.allocate_cache(3, 16)]
-        for c in caches:
-            model(ids, cache=c)
-        slot = torch.tensor([9])
-        for t in range(4):
-            tok = torch.full((3,), 7 + t)
-            a = model.decode_step(tok, caches[0], slot, slot.expand(3))
-            b = twin.decode_step(tok, caches[1], slot, slot.expand(3))
-            slot += 1
-            assert (a - b).abs().max() < 1e-4
-    assert_caches_close(caches[1], caches[0])
+    assert_twin_steps_match(model, twin, rows=3)
     with torch.no_grad():
         model.norm_f.weight.mul_(2.0)
     assert cpu_fast_twin(model) is not twin
@@ -122,19 +128,7 @@ def test_cpu_fast_twin_batch1_compiled_matvec_matches_decode_step(monkeypatch):
     twin = g.cpu_fast_twin(model, matvec=True)
     if twin is model or twin.packed_head.matvec is None:
         pytest.skip(f"no CPU fast path / torch.compile here: {g._matvec_error}")
-    ids = torch.randint(0, 384, (1, 9))
-    with torch.inference_mode():
-        caches = [model.allocate_cache(1, 16), model.allocate_cache(1, 16)]
-        for c in caches:
-            model(ids, cache=c)
-        slot = torch.tensor([9])
-        for t in range(4):
-            tok = torch.full((1,), 7 + t)
-            a = model.decode_step(tok, caches[0], slot, slot.expand(1))
-            b = twin.decode_step(tok, caches[1], slot, slot.expand(1))
-            slot += 1
-            assert (a - b).abs().max() < 1e-4
-    assert_caches_close(caches[1], caches[0])
+    assert_twin_steps_match(model, twin, rows=1)
 
 
 def test_generate_compiles_the_cpu_matvec_only_at_batch_1_and_not_with_no_compile(monkeypatch):
