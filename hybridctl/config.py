@@ -104,12 +104,19 @@ def _positive(owner: str, **values: int) -> None:
 
 @dataclass
 class MambaConfig:
-    """Mamba-2 mixer. ``d_inner = nheads * headdim = expand * d_model``; heads are contiguous per group."""
+    """Mamba-2 mixer. ``d_inner = nheads * headdim``; heads are contiguous per group.
+
+    ``nheads`` is the size of record. ``None`` derives it as ``expand * d_model / headdim`` (the Mamba papers'
+    convention, and every preset's); real NemotronH models break that rule (Nemotron-H-4B: d_model 3072, 112 heads x 64
+    = 7168), so readers set ``nheads`` and ``expand`` becomes derived: ``d_inner / d_model`` where that is an integer,
+    else ``None``.
+    """
 
     d_state: int = 128  # N
     headdim: int = 64  # P
     ngroups: int = 8  # G
-    expand: int = 2
+    expand: int | None = 2  # only read when nheads is None
+    nheads: int | None = None  # H; None: expand * d_model / headdim
     d_conv: int = 4  # K
     chunk_size: int = 128  # Q
     conv_bias: bool = True
@@ -123,8 +130,14 @@ class MambaConfig:
     A_init_max: float = 16.0
 
     def __post_init__(self) -> None:
-        _positive("mamba", d_state=self.d_state, headdim=self.headdim, ngroups=self.ngroups, expand=self.expand,
+        _positive("mamba", d_state=self.d_state, headdim=self.headdim, ngroups=self.ngroups,
                   d_conv=self.d_conv, chunk_size=self.chunk_size)
+        if self.nheads is None:
+            if self.expand is None:
+                raise HybridctlError("mamba.expand: set mamba.expand or mamba.nheads (both are none)")
+            _positive("mamba", expand=self.expand)
+        else:
+            _positive("mamba", nheads=self.nheads)
         if not 0 < self.dt_min <= self.dt_max:
             raise HybridctlError(f"mamba.dt_min/dt_max: need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
         if not 0 < self.A_init_min <= self.A_init_max:
@@ -200,10 +213,11 @@ class ModelConfig:
             raise HybridctlError(f"model.init_std: must be positive, got {self.init_std}")
         if MAMBA in self.pattern:
             m = self.mamba
-            d_inner = m.expand * self.d_model
-            if d_inner % m.headdim:
-                raise HybridctlError(f"mamba.headdim: nheads*headdim must equal expand*d_model = {d_inner}, which "
-                                     f"is not divisible by headdim {m.headdim}")
+            if m.nheads is None and (m.expand * self.d_model) % m.headdim:
+                raise HybridctlError(f"mamba.headdim: expand*d_model = {m.expand * self.d_model} is not divisible "
+                                     f"by headdim {m.headdim}; set mamba.nheads explicitly")
+            if m.nheads is not None:  # expand is derived from the heads
+                m.expand = self.d_inner // self.d_model if self.d_inner % self.d_model == 0 else None
             if self.mamba_nheads % m.ngroups:
                 raise HybridctlError(f"mamba.ngroups: nheads ({self.mamba_nheads}) must be divisible by ngroups "
                                      f"({m.ngroups})")
@@ -222,12 +236,17 @@ class ModelConfig:
         return len(self.pattern)
 
     @property
-    def d_inner(self) -> int:
-        return self.mamba.expand * self.d_model
+    def mamba_nheads(self) -> int:
+        """H: ``mamba.nheads``, or ``expand * d_model / headdim`` when that is not set."""
+        m = self.mamba
+        if m.nheads is not None:
+            return m.nheads
+        return m.expand * self.d_model // m.headdim
 
     @property
-    def mamba_nheads(self) -> int:
-        return self.d_inner // self.mamba.headdim
+    def d_inner(self) -> int:
+        """Width of the Mamba mixer's x / z / y: ``mamba_nheads * headdim``."""
+        return self.mamba_nheads * self.mamba.headdim
 
     @property
     def conv_dim(self) -> int:
@@ -418,7 +437,16 @@ def canonical_dtype(dtype: str) -> str:
     return d
 
 
+def mamba_size(d_model: int, nheads: int, headdim: int) -> dict[str, Any]:
+    """The MambaConfig size fields for ``nheads`` heads of ``headdim``: ``expand`` alone where d_inner is an integer
+    multiple of d_model that headdim divides (the canonical form every preset has), else ``nheads`` explicitly."""
+    d_inner = nheads * headdim
+    if d_inner % d_model == 0 and (d_inner // d_model * d_model) // headdim == nheads:
+        return {"expand": d_inner // d_model, "nheads": None}
+    return {"expand": None, "nheads": nheads}
+
+
 __all__ = [
     "HybridctlError", "ModelConfig", "MambaConfig", "AttentionConfig", "MLPConfig", "parse_pattern",
-    "allocate_pattern", "PRESETS", "preset", "apply_overrides",
+    "allocate_pattern", "PRESETS", "preset", "apply_overrides", "mamba_size",
 ]

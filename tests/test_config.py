@@ -1,7 +1,7 @@
 import pytest
 
 from hybridctl.config import (HYBRID_8B_PATTERN, HybridctlError, ModelConfig, PRESETS, allocate_pattern,
-                              apply_overrides, parse_pattern, preset)
+                              apply_overrides, mamba_size, parse_pattern, preset)
 from hybridctl.model import param_counts
 
 
@@ -98,3 +98,62 @@ def test_override_values_are_type_checked(override, needle):
 def test_allocation_refuses_rounding_past_the_total():
     with pytest.raises(HybridctlError, match="cannot hold 2 attention \\+ 2 MLP"):
         allocate_pattern(3, 0.5, 0.5)
+
+
+# ---- Mamba heads are first-class (d_inner = nheads * headdim, not expand * d_model) ------------------------------
+
+
+def _nemotron_h_4b_like(**mamba):
+    # Nemotron-H-4B: hidden 3072, 112 Mamba heads x 64 = 7168 (not 2 * 3072), 8 groups, d_state 128
+    return ModelConfig.from_dict(dict(vocab_size=1024, d_model=3072, pattern="M-M*-",
+                                      mamba={**dict(headdim=64, ngroups=8, nheads=112), **mamba},
+                                      attention=dict(n_heads=32, n_kv_heads=8, head_dim=128),
+                                      mlp=dict(hidden_size=12288, activation="relu2")))
+
+
+def test_nheads_sizes_the_mixer_and_expand_is_derived():
+    cfg = _nemotron_h_4b_like()
+    assert (cfg.mamba_nheads, cfg.d_inner) == (112, 7168)
+    assert cfg.mamba.expand is None  # 7168 / 3072 is no integer
+    m = cfg.mamba
+    assert cfg.conv_dim == 7168 + 2 * 8 * 128 and cfg.in_proj_dim == 2 * 7168 + 2 * 8 * 128 + 112
+    # exact parameter count of one Mamba layer, by hand: in_proj, conv (weight+bias), dt_bias/A_log/D, norm, out_proj
+    per_layer = (3072 * cfg.in_proj_dim + cfg.conv_dim * (m.d_conv + 1) + 3 * 112 + 7168 + 7168 * 3072 + 3072)
+    assert param_counts(cfg)["mamba"] == 2 * per_layer
+    back = ModelConfig.from_dict(cfg.to_dict())
+    assert back == cfg and back.d_inner == 7168
+    # an integral ratio gives expand back; nheads stays the size of record
+    cfg2 = ModelConfig.from_dict(dict(d_model=64, pattern="M", mamba=dict(headdim=16, ngroups=2, nheads=12,
+                                                                          expand=7)))
+    assert (cfg2.d_inner, cfg2.mamba.expand) == (192, 3)
+
+
+def test_expand_only_configs_keep_working():
+    for name in PRESETS:
+        cfg = preset(name)
+        assert cfg.mamba.nheads is None and cfg.d_inner == cfg.mamba.expand * cfg.d_model
+    assert preset("hybrid-8b").mamba_nheads == 128
+
+
+@pytest.mark.parametrize("mamba,needle", [
+    (dict(nheads=0), "mamba.nheads: must be a positive integer"),
+    (dict(nheads=113), r"mamba.ngroups: nheads \(113\) must be divisible by ngroups \(8\)"),
+    (dict(nheads=None, expand=None), "mamba.expand: set mamba.expand or mamba.nheads"),
+    (dict(nheads=None, headdim=7000), "mamba.headdim: expand\\*d_model = 6144 is not divisible by headdim 7000"),
+    (dict(nheads=2.5), "mamba.nheads: expected int"),
+])
+def test_bad_mamba_sizes_name_the_field(mamba, needle):
+    with pytest.raises(HybridctlError, match=needle):
+        _nemotron_h_4b_like(**mamba)
+
+
+def test_nheads_override_on_a_preset():
+    d = preset("tiny").to_dict()
+    apply_overrides(d, ["mamba.nheads=6"])
+    cfg = ModelConfig.from_dict(d)
+    assert (cfg.d_inner, cfg.mamba.expand) == (192, None)
+
+
+def test_mamba_size_canonical_form():
+    assert mamba_size(3072, 112, 64) == {"expand": None, "nheads": 112}
+    assert mamba_size(64, 8, 16) == {"expand": 2, "nheads": None}

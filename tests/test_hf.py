@@ -344,7 +344,8 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path):
         ("moe", dict(layers_block_type=["full_attention", "mlp", "moe", "mlp", "linear_attention"]), "MoE"),
         ("shape", dict(intermediate_size=97), "has shape"),
         ("act", dict(mlp_hidden_act="silu"), "mlp_hidden_act 'silu' is not supported"),
-        ("expand", dict(mamba_num_heads=5), "not a multiple of hidden_size"),
+        ("heads", dict(mamba_num_heads=5), r"mamba.ngroups: nheads \(5\) must be divisible by ngroups"),
+        ("heads-shape", dict(mamba_num_heads=6), "has shape"),
     ]:
         d = tmp_path / name
         d.mkdir()

@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 from hybridctl.checkpoint.keymaps import HF_MLP_ACT, HF_MLP_ACT_INV, NEMOTRON_BLOCK_SYMBOLS, NEMOTRON_BLOCK_TYPES
-from hybridctl.config import MAMBA, HybridctlError, ModelConfig, parse_pattern
+from hybridctl.config import MAMBA, HybridctlError, ModelConfig, mamba_size, parse_pattern
 
 _INIT_FIELDS = ("dt_min", "dt_max", "dt_init_floor", "A_init_min", "A_init_max")
 
@@ -93,16 +93,12 @@ def from_nemotron(c: dict[str, Any], where: str) -> tuple[ModelConfig, list[str]
         notes.append("multi-token-prediction (mtp.*) weights are skipped, as transformers skips them")
     d = int(c.get("hidden_size", 4096))
     heads, hdim = int(c.get("mamba_num_heads", 128)), int(c.get("mamba_head_dim", 64))
-    expand = int(c.get("expand", 2))
-    if MAMBA in pattern:
-        # transformers sizes the mixer from heads*head_dim and never reads `expand`; hybridctl derives d_inner from
-        # expand*d_model, so the two must agree through an integer expand.
-        require((heads * hdim) % d == 0, where, f"mamba_num_heads*mamba_head_dim = {heads * hdim} is not a "
-                 f"multiple of hidden_size {d}; hybridctl needs d_inner = expand*hidden_size")
-        expand = heads * hdim // d
+    # transformers sizes the mixer from mamba_num_heads*mamba_head_dim and never reads `expand` (Nemotron-H-4B:
+    # 112 x 64 = 7168 with hidden 3072 and "expand": 2), so the heads are the size of record.
+    size = mamba_size(d, heads, hdim)
     tsm = _float(c.get("time_step_min", 1e-3), "time_step_min")
     mamba = dict(d_state=int(c.get("ssm_state_size", 128)), headdim=hdim, ngroups=int(c.get("n_groups", 8)),
-                 expand=expand, d_conv=int(c.get("conv_kernel", 4)), chunk_size=int(c.get("chunk_size", 128)),
+                 **size, d_conv=int(c.get("conv_kernel", 4)), chunk_size=int(c.get("chunk_size", 128)),
                  conv_bias=bool(c.get("use_conv_bias", True)), bias=bool(c.get("use_bias", False)),
                  dt_min=tsm if tsm > 0 else 1e-3, dt_max=_float(c.get("time_step_max", 0.1), "time_step_max"),
                  dt_init_floor=_float(c.get("time_step_floor", 1e-4), "time_step_floor"),
@@ -133,11 +129,13 @@ def from_mamba2(c: dict[str, Any], where: str) -> tuple[ModelConfig, list[str]]:
     require(c.get("hidden_act", "silu") == "silu", where, f"hidden_act {c.get('hidden_act')!r} is not supported")
     d, expand = int(c.get("hidden_size", 4096)), int(c.get("expand", 2))
     heads, hdim = int(c.get("num_heads", 128)), int(c.get("head_dim", 64))
+    # transformers' Mamba2Config refuses num_heads*head_dim != expand*hidden_size, and its mixer is sized by expand.
     require(heads * hdim == expand * d, where, f"num_heads*head_dim ({heads * hdim}) must equal expand*hidden_size "
-             f"({expand * d})")
+             f"({expand * d}), as transformers' Mamba2 requires")
     lo, hi = _dt_limit(c)
     mamba = dict(d_state=int(c.get("state_size", 128)), headdim=hdim, ngroups=int(c.get("n_groups", 8)),
-                 expand=expand, d_conv=int(c.get("conv_kernel", 4)), chunk_size=int(c.get("chunk_size", 256)),
+                 **mamba_size(d, heads, hdim), d_conv=int(c.get("conv_kernel", 4)),
+                 chunk_size=int(c.get("chunk_size", 256)),
                  conv_bias=bool(c.get("use_conv_bias", True)), bias=bool(c.get("use_bias", False)),
                  dt_min=_float(c.get("time_step_min", 1e-3), "time_step_min"),
                  dt_max=_float(c.get("time_step_max", 0.1), "time_step_max"),
@@ -168,13 +166,17 @@ def from_mamba_ssm(c: dict[str, Any], where: str, vocab_rows: int) -> tuple[Mode
     require(isinstance(c.get("d_model"), int) and isinstance(c.get("n_layer"), int), where,
              "mamba_ssm config.json needs integer d_model and n_layer")
     d, expand = c["d_model"], int(ssm.get("expand", 2))
+    # mamba_ssm's Mamba2: d_inner = expand*d_model, nheads = d_ssm/headdim with d_ssm = d_inner by default; a
+    # smaller d_ssm adds a gated MLP inside the mixer (in_proj grows by 2*(d_inner - d_ssm)), which hybridctl lacks.
     require(ssm.get("d_ssm") in (None, expand * d), where, "ssm_cfg.d_ssm != expand*d_model is not supported")
+    headdim = int(ssm.get("headdim", 64))
+    require(expand * d % headdim == 0, where, f"expand*d_model ({expand * d}) is not divisible by headdim {headdim}")
     lo, hi = (0.0, None)
     if "dt_limit" in ssm:
         lo, hi = _dt_limit({"time_step_limit": ssm["dt_limit"]})
     a_lo, a_hi = ssm.get("A_init_range", (1, 16))
-    mamba = dict(d_state=int(ssm.get("d_state", 128)), headdim=int(ssm.get("headdim", 64)),
-                 ngroups=int(ssm.get("ngroups", 1)), expand=expand, d_conv=int(ssm.get("d_conv", 4)),
+    mamba = dict(d_state=int(ssm.get("d_state", 128)), headdim=headdim,
+                 ngroups=int(ssm.get("ngroups", 1)), **mamba_size(d, expand * d // headdim, headdim), d_conv=int(ssm.get("d_conv", 4)),
                  chunk_size=int(ssm.get("chunk_size", 256)), conv_bias=bool(ssm.get("conv_bias", True)),
                  bias=bool(ssm.get("bias", False)), dt_min=float(ssm.get("dt_min", 1e-3)),
                  dt_max=float(ssm.get("dt_max", 0.1)), dt_init_floor=float(ssm.get("dt_init_floor", 1e-4)),
@@ -207,7 +209,9 @@ def nemotron_config(cfg: ModelConfig) -> dict[str, Any]:
         "attention_bias": False, "intermediate_size": cfg.mlp.hidden_size, "mlp_bias": False,
         "mlp_hidden_act": HF_MLP_ACT.get(cfg.mlp.activation, "relu2"),
         "mamba_num_heads": cfg.mamba_nheads, "mamba_head_dim": m.headdim, "n_groups": m.ngroups,
-        "ssm_state_size": m.d_state, "conv_kernel": m.d_conv, "expand": m.expand, "chunk_size": m.chunk_size,
+        "ssm_state_size": m.d_state, "conv_kernel": m.d_conv,
+        # not read by transformers (the heads size the mixer); real releases write 2 where d_inner/hidden is no integer
+        "expand": m.expand or 2, "chunk_size": m.chunk_size,
         "use_conv_bias": m.conv_bias, "use_bias": m.bias, "mamba_hidden_act": "silu",
         # time_step_min IS the clamp in NemotronH (0.0 = no clamp, Megatron's semantics); the upper bound is none.
         "time_step_min": m.dt_clamp_min, "time_step_max": m.dt_max, "time_step_floor": m.dt_init_floor,
@@ -220,12 +224,17 @@ def nemotron_config(cfg: ModelConfig) -> dict[str, Any]:
 
 def mamba2_config(cfg: ModelConfig) -> dict[str, Any]:
     m = cfg.mamba
+    if cfg.d_inner % cfg.d_model:
+        raise HybridctlError(f"cannot export to mamba2: transformers' Mamba2 sizes the mixer as expand*hidden_size, "
+                             f"and d_inner = mamba_nheads*headdim = {cfg.d_inner} is not a multiple of d_model "
+                             f"{cfg.d_model}; use --hf-arch nemotron_h")
     hi = math.inf if m.dt_clamp_max is None else m.dt_clamp_max
     return {
         "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
         "num_heads": cfg.mamba_nheads, "head_dim": m.headdim, "n_groups": m.ngroups, "state_size": m.d_state,
-        "expand": m.expand, "conv_kernel": m.d_conv, "chunk_size": m.chunk_size, "use_bias": m.bias,
+        "expand": cfg.d_inner // cfg.d_model, "conv_kernel": m.d_conv, "chunk_size": m.chunk_size,
+        "use_bias": m.bias,
         "use_conv_bias": m.conv_bias, "hidden_act": "silu", "layer_norm_epsilon": cfg.norm_eps,
         "residual_in_fp32": cfg.residual_in_fp32, "time_step_rank": math.ceil(cfg.d_model / 16),
         "time_step_min": m.dt_min, "time_step_max": m.dt_max, "time_step_floor": m.dt_init_floor,

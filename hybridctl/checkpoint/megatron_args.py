@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from hybridctl.config import HybridctlError, ModelConfig, allocate_pattern, parse_pattern
+from hybridctl.config import HybridctlError, ModelConfig, allocate_pattern, mamba_size, parse_pattern
 
 MEGATRON_DEFAULT_DIVISIBLE_BY = 128
 # Marker written by hybridctl: the model's own vocab size before the export padding (rows past it are our zeros).
@@ -68,13 +68,10 @@ def config_from_args(args: Any, *, pattern: str, vocab: int, d_conv: int | None,
     head_dim = int(_get(args, "kv_channels", h // heads))
     hd, ng, n_state = int(_get(args, "mamba_head_dim", 64)), int(_get(args, "mamba_num_groups", 8)), \
         int(_get(args, "mamba_state_dim", 128))
-    expand = 2
-    if _get(args, "mamba_num_heads", None) is not None:
-        d_inner = int(args.mamba_num_heads) * hd
-        if d_inner % h:
-            raise HybridctlError(f"{where}: mamba_num_heads·mamba_head_dim = {d_inner} is not a multiple of "
-                                 f"hidden_size {h}; hybridctl needs d_inner = expand·d_model")
-        expand = d_inner // h
+    # megatron-core's MambaMixer: nheads = mamba_num_heads when given (d_inner = nheads*head_dim, any hidden size,
+    # Nemotron-H-4B: 112 x 64 with hidden 3072), else d_inner = expand*hidden with expand 2.
+    n_heads = _get(args, "mamba_num_heads", None)
+    size = {"expand": 2, "nheads": None} if n_heads is None else mamba_size(h, int(n_heads), hd)
     act = "swiglu" if _get(args, "swiglu", False) else "relu2" if _get(args, "squared_relu", False) else "gelu"
     pos = str(_get(args, "position_embedding_type", "none"))
     if pos == "rope" and _get(args, "rotary_interleaved", False):
@@ -82,7 +79,7 @@ def config_from_args(args: Any, *, pattern: str, vocab: int, d_conv: int | None,
     position = "rope" if pos == "rope" else "none"
     return ModelConfig.from_dict(dict(
         vocab_size=vocab, d_model=h, pattern=pattern,
-        mamba=dict(d_state=n_state, headdim=hd, ngroups=ng, expand=expand, d_conv=d_conv or 4,
+        mamba=dict(d_state=n_state, headdim=hd, ngroups=ng, **size, d_conv=d_conv or 4,
                    chunk_size=int(_get(args, "mamba_chunk_size", 128)), conv_bias=True, bias=False,
                    dt_clamp_min=0.0, dt_clamp_max=None),
         attention=dict(n_heads=heads, n_kv_heads=kv, head_dim=head_dim, position=position,
