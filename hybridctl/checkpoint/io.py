@@ -31,17 +31,38 @@ ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
 TOKENIZER_MARKERS = ("hybridctl_tokenizer.json", "tokenizer.json", "tokenizer.model")
 
 
+def check_out_path(out: str | os.PathLike, sources: Iterable[str | os.PathLike], *, option: str = "--out") -> None:
+    """Refuse an output path that is a source, lies inside one, or contains one (paths resolved, symlinks followed):
+    writing (or --force replacing) it would destroy the input."""
+    o = Path(out).resolve()
+    for src in sources:
+        s = Path(src).resolve()
+        if o == s:
+            raise HybridctlError(f"{option} {out} is the source {src}; choose another")
+        if s in o.parents:
+            raise HybridctlError(f"{option} {out} lies inside the source {src}; choose a path outside it")
+        if o in s.parents:
+            raise HybridctlError(f"{option} {out} contains the source {src}; replacing it would delete the source")
+
+
+def _os_error(e: OSError, path: Path) -> HybridctlError:
+    return HybridctlError(f"{e.filename or path}: {e.strerror or type(e).__name__}")
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to ``out``; on success rename it to ``out`` (replacing it if overwrite)."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        else:
-            raise HybridctlError(f"{out}: already exists (choose another --out, or remove it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if out.exists() and not overwrite:
+            if out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+            else:
+                raise HybridctlError(f"{out}: already exists (choose another --out, or remove it)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise _os_error(e, out) from None
     try:
         yield tmp
         if out.exists():
