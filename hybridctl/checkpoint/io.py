@@ -91,21 +91,32 @@ def write_json(path: str | os.PathLike, obj: object) -> None:
 
 
 def parse_size(size: str | int) -> int:
-    """'5GB', '500MB', '1.5GiB' or a byte count → bytes."""
+    """'5GB', '500MB', '1.5GiB' or a byte count → bytes (a positive, finite size)."""
+    import math
+
+    if isinstance(size, bool) or not isinstance(size, (str, int)):
+        raise HybridctlError(f"shard size {size!r}: expected e.g. 5GB, 500MB or a byte count")
     if isinstance(size, int):
-        return size
-    s = size.strip().upper().replace(" ", "")
-    units = [("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)]
-    for suffix, mult in units:
-        if s.endswith(suffix):
-            try:
-                return int(float(s[: -len(suffix)]) * mult)
-            except ValueError:
+        n = size
+    else:
+        s = size.strip().upper().replace(" ", "")
+        units = [("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3),
+                 ("B", 1)]
+        mult, num = 1, s
+        for suffix, m in units:
+            if s.endswith(suffix):
+                mult, num = m, s[: -len(suffix)]
                 break
-    try:
-        return int(s)
-    except ValueError:
-        raise HybridctlError(f"shard size {size!r}: expected e.g. 5GB, 500MB or a byte count") from None
+        try:
+            x = float(num) * mult
+        except ValueError:
+            raise HybridctlError(f"shard size {size!r}: expected e.g. 5GB, 500MB or a byte count") from None
+        if not math.isfinite(x):
+            raise HybridctlError(f"shard size {size!r}: must be a finite size")
+        n = int(x)
+    if not 1 <= n <= 2**50:
+        raise HybridctlError(f"shard size {size!r}: must be between 1 byte and 1 PiB")
+    return n
 
 
 def write_sharded(out_dir: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
