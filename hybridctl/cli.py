@@ -7,19 +7,54 @@ Heavy imports (torch, the workflows) live inside command bodies so ``hybridctl -
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+from typer.core import TyperGroup
 
+from hybridctl import __version__
 from hybridctl.config import HybridctlError
 
+class _OneLineGroup(TyperGroup):
+    """Usage errors (exit 2) as one line plus a pointer to --help, instead of click/rich's multi-line panel."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        try:
+            from typer import _click as click  # typer >= 0.2x vendors click
+        except ImportError:
+            import click
+
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              **extra)
+            code = rv if isinstance(rv, int) else 0
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()
+            code = e.exit_code
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            typer.echo(f"hybridctl: error: {' '.join(e.format_message().split())}{hint}", err=True)
+            code = e.exit_code
+        except click.exceptions.Abort:
+            typer.echo("hybridctl: error: aborted", err=True)
+            code = 1
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
 app = typer.Typer(
+    cls=_OneLineGroup,
     name="hybridctl",
     help="Build, train, convert, quantize, run and measure hybrid Mamba-2 / attention / MLP language models.",
     no_args_is_help=True,
@@ -42,9 +77,88 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress 
 CkptArg = Annotated[Path, typer.Argument(help="Checkpoint directory: native, Hugging Face or Megatron.")]
 
 
+class _OneLineFormatter(logging.Formatter):
+    """A log record as one line: never a traceback or stack (libraries such as torch DCP log their own)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None, "stack_info": None})
+        return " ".join(super().format(record).split())
+
+
+class _BufferHandler(logging.Handler):
+    """Without --verbose: hybridctl's own warnings are held back and printed only if the command succeeds (a failure
+    prints its one error line alone); other libraries' records are dropped."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+        self.setFormatter(_OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.split(".")[0] == "hybridctl":
+            self.records.append(record)
+
+    def flush_to_stderr(self) -> None:
+        for r in self.records:
+            typer.echo(self.format(r), err=True)
+        self.records.clear()
+
+
+_HANDLER: list[logging.Handler] = []
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    """Route all logging through one handler on the root logger (replacing any earlier one of ours)."""
+    root = logging.getLogger()
+    for h in _HANDLER:
+        root.removeHandler(h)
+    _HANDLER.clear()
+    if verbose:
+        h: logging.Handler = logging.StreamHandler(sys.stderr)
+        h.setFormatter(_OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        h = _BufferHandler()
+    root.addHandler(h)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.captureWarnings(verbose)  # --verbose: library warnings as one-line log records
+    _HANDLER.append(h)
+
+
+def _flush_held_logs() -> None:
+    for h in _HANDLER:
+        if isinstance(h, _BufferHandler):
+            h.flush_to_stderr()
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Any:
+    """Library warnings filtered; progress bars only on a terminal (TQDM_DISABLE otherwise); C++ logs errors only."""
+    saved = {k: os.environ.get(k) for k in ("TQDM_DISABLE", "TORCH_CPP_LOG_LEVEL")}
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    if not sys.stderr.isatty():
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        with warnings.catch_warnings():
+            if not logging.getLogger().isEnabledFor(logging.INFO):
+                warnings.simplefilter("ignore")
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _error_line(e: BaseException) -> str:
+    """The one line for an exception reaching the CLI boundary."""
+    if isinstance(e, HybridctlError):
+        return str(e)
+    if isinstance(e, OSError) and (e.filename or e.strerror):
+        return f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}"
+    if isinstance(e, (MemoryError, OverflowError)):
+        return f"{type(e).__name__}: {e or 'out of memory'} (a size in the input or options is too large?)"
+    return f"internal error: {type(e).__name__}: {e} (set HYBRIDCTL_DEBUG=1 for a traceback)"
 
 
 def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -53,7 +167,10 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with _quiet_libraries():
+                rv = fn(*args, **kwargs)
+            _flush_held_logs()
+            return rv
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except KeyboardInterrupt:
@@ -62,18 +179,51 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except BaseException as e:  # noqa: BLE001 - the CLI boundary (some libraries raise BaseException subclasses)
             if os.environ.get("HYBRIDCTL_DEBUG") == "1":
                 raise
-            if isinstance(e, HybridctlError):
-                msg = str(e)
-            else:
-                msg = f"internal error: {type(e).__name__}: {e} (set HYBRIDCTL_DEBUG=1 for a traceback)"
+            msg = _error_line(e)
             typer.echo(f"hybridctl: error: {' '.join(msg.split())}", err=True)
             raise typer.Exit(1) from None
 
     return wrapper
 
 
-def _print_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=str))
+def _print_json(obj: Any, *, device: str, dtype: str) -> None:
+    """One JSON object: the command's result plus hybridctl's version and the resolved device / dtype."""
+    obj = dict(obj)
+    obj.setdefault("device", device)
+    obj.setdefault("dtype", dtype)
+    typer.echo(json.dumps({"hybridctl_version": __version__, **obj}, indent=2, default=str))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"hybridctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print hybridctl's version and exit.")] = False) -> None:
+    """Build, train, convert, quantize, run and measure hybrid Mamba-2 / attention / MLP language models."""
+
+
+def _check_numbers(**checks: tuple[Any, float | None, float | None]) -> None:
+    """Command-line numbers: finite and within [lo, hi] (None: unbounded); the option named in the one error line."""
+    import math
+
+    for name, (v, lo, hi) in checks.items():
+        if v is None:
+            continue
+        opt = "--" + name.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise HybridctlError(f"{opt} {v}: must be a finite number")
+        if lo is not None and v < lo:
+            raise HybridctlError(f"{opt} {v}: must be >= {lo:g}")
+        if hi is not None and v > hi:
+            raise HybridctlError(f"{opt} {v}: must be <= {hi:g}")
+
+
+SEED_MAX = 2**63 - 1
+MAX_NEW_TOKENS = 1 << 20
 
 
 def _fmt_count(n: float) -> str:
@@ -118,13 +268,15 @@ def build(
     """Build a model from a preset, a layer pattern or Megatron's ratio allocation; summarise it; with --out write an
     initialised native checkpoint (built on meta otherwise: the 8B presets cost nothing)."""
     _setup_logging(verbose)
+    _check_numbers(layers=(layers, 1, 100_000), attention_ratio=(attention_ratio, 0, 1), mlp_ratio=(mlp_ratio, 0, 1),
+                   seed=(seed, 0, SEED_MAX), seq_len=(seq_len, 1, 2**40))
     from hybridctl.build import build as run
 
     res = run(preset=preset, pattern=pattern, layers=layers, attention_ratio=attention_ratio, mlp_ratio=mlp_ratio,
               overrides=set_, seed=seed, dtype=dtype, out=out, seq_len=seq_len)
     s = dict(res.summary, out=str(res.out) if res.out else None)
     if json_:
-        return _print_json(s)
+        return _print_json(s, device="cpu" if res.out else "meta", dtype=s["dtype"])
     rows = [("pattern", s["pattern"]), ("layers", f"{s['n_layers']}  " + ", ".join(
         f"{v} {k}" for k, v in s["layer_counts"].items())), ("parameters", f"{s['params_total']:,} "
                                                              f"({_fmt_count(s['params_total'])})")]
@@ -179,16 +331,22 @@ def train(
     """Train from a recipe (TOML): resumable sharded checkpoints, a native export at the end; one process or many
     (torchrun, FSDP2)."""
     _setup_logging(verbose)
+    _check_numbers(max_steps=(max_steps, 1, None))
     from hybridctl.recipe import load_recipe
     from hybridctl.train import main_entry
 
-    res = main_entry(recipe=load_recipe(recipe, set_, init_from=init_from), run_dir=run_dir, resume=resume, device=device,
-                     backend=backend, max_steps=max_steps)
+    rec = load_recipe(recipe, set_, init_from=init_from)
+    res = main_entry(recipe=rec, run_dir=run_dir, resume=resume, device=device, backend=backend, max_steps=max_steps)
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     s = res.summary()
     if json_:
-        return _print_json(s)
+        from hybridctl.parallel import resolve_device
+
+        dev = resolve_device(device)
+        prec = rec.precision.dtype if rec.precision.dtype != "auto" else (
+            "bfloat16" if dev.type == "cuda" else "float32")
+        return _print_json(s, device=str(dev), dtype=prec)
     f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     typer.echo(_table([("steps", str(s["steps"])), ("tokens", _fmt_count(s["tokens"])),
                        ("final loss", f(s["final_loss"], ".4f")),
@@ -230,6 +388,7 @@ def convert(
     """Convert between native, Hugging Face (NemotronH, Mamba2ForCausalLM, mamba_ssm) and Megatron checkpoints:
     streamed tensor by tensor, written atomically, refusing anything the target cannot represent exactly."""
     _setup_logging(verbose)
+    _check_numbers(tp=(tp, 1, 4096), pp=(pp, 1, 4096), vocab_size=(vocab_size, 1, 2**31 - 1))
     from hybridctl.convert import convert as run
 
     it = int(iteration) if iteration is not None and iteration.isdigit() else iteration
@@ -237,7 +396,7 @@ def convert(
               megatron_keys=megatron_keys, iteration=it, trust_pickle=trust_pickle, vocab_size=vocab_size,
               overwrite=force, progress=not json_, dry_run=dry_run)
     if json_:
-        return _print_json(res.to_dict())
+        return _print_json(res.to_dict(), device="cpu", dtype=res.dtype)
     rows = [("source", f"{res.src} ({res.src_format})"), ("target", res.to + (f" ({res.arch})" if res.arch else "")),
             ("pattern", res.pattern), ("tensors", f"{res.n_tensors}, {_fmt_bytes(res.nbytes)} {res.dtype}"),
             ("vocab", f"{res.vocab_size}" + (" (tied embeddings)" if res.tied else "")),
@@ -285,6 +444,9 @@ def generate(
     """Generate text from any checkpoint: chunked-scan prefill, then one constant-state recurrent step per token.
     A single prompt streams to stdout as it is produced; timings go to stderr."""
     _setup_logging(verbose)
+    _check_numbers(max_new_tokens=(max_new_tokens, 1, MAX_NEW_TOKENS), temperature=(temperature, 0, None),
+                   top_k=(top_k, 0, None), top_p=(top_p, 0, 1), min_p=(min_p, 0, 1),
+                   repetition_penalty=(repetition_penalty, 1e-6, 1e6), seed=(seed, 0, SEED_MAX))
     from hybridctl.generate import generate as run
 
     prompts = _gather_prompts(prompt, prompt_file)
@@ -296,7 +458,7 @@ def generate(
     if json_:
         return _print_json(res.per_prompt(0) if len(prompts) == 1 else dict(
             results=[{k: res.per_prompt(i)[k] for k in ("text", "tokens", "prompt_tokens", "finish_reason")}
-                     for i in range(len(prompts))], **res.summary()))
+                     for i in range(len(prompts))], **res.summary()), device=res.device, dtype=res.dtype)
     if stream is None:
         for i, text in enumerate(res.texts):
             typer.echo(f"--- prompt {i} ---\n{text}")
@@ -309,13 +471,30 @@ def generate(
                f"{f' | warm-up {res.warmup_s:.1f} s' if res.warmup_s >= 0.1 else ''}]", err=True)
 
 
+def _read_stdin() -> str:
+    try:
+        return sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise HybridctlError(f"--prompt -: stdin is not valid UTF-8 (byte {e.start})") from None
+
+
 def _gather_prompts(prompt: Optional[list[str]], prompt_file: Optional[list[Path]]) -> list[str]:
     """--prompt values ('-' = stdin) then --prompt-file contents, in order; at least one."""
-    out = [sys.stdin.read() if p == "-" else p for p in prompt or []]
+    out = [_read_stdin() if p == "-" else p for p in prompt or []]
     for f in prompt_file or []:
         if not f.is_file():
             raise HybridctlError(f"--prompt-file {f}: no such file")
-        out.append(f.read_text(encoding="utf-8"))
+        try:
+            out.append(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise HybridctlError(f"--prompt-file {f}: not valid UTF-8 (byte {e.start})") from None
+        except OSError as e:
+            raise HybridctlError(f"--prompt-file {f}: {e.strerror or e}") from None
+    for i, p in enumerate(out):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise HybridctlError(f"prompt {i}: not valid UTF-8 (character {e.start})") from None
     if not out:
         raise HybridctlError("no prompt: pass --prompt TEXT, --prompt - (stdin) or --prompt-file PATH")
     return out

@@ -53,8 +53,9 @@ def _check_options(to: str, out: Path | None, src: Path, dry_run: bool, overwrit
     if out is None and not dry_run:
         raise HybridctlError("--out is required (or use --dry-run)")
     if out is not None and not dry_run:
-        if Path(out).resolve() == Path(src).resolve():
-            raise HybridctlError(f"--out {out} is the source directory; choose another")
+        from hybridctl.checkpoint.io import check_out_path
+
+        check_out_path(out, [src])
         if Path(out).exists() and not overwrite and (not Path(out).is_dir() or any(Path(out).iterdir())):
             raise HybridctlError(f"{out}: already exists (choose another --out, or pass --force)")
     if hf_arch != "auto" and to != "hf":

@@ -347,6 +347,25 @@ def train(*, recipe: Recipe, run_dir: str | Path | None = None, resume: str | No
     recipe.grad_accum(info.world_size)  # fail now, not after building the model, if the batch does not divide
     kernels.set_backend(backend)
     run_dir = Path(run_dir or recipe.checkpoint.dir)
+    if recipe.model.init_from is not None:
+        from hybridctl.checkpoint.io import check_out_path
+
+        check_out_path(run_dir, [recipe.model.init_from], option="--run-dir")
+    created = info.is_main and not run_dir.exists()
+    try:
+        return _train_in(recipe, run_dir, info, resume, max_steps, progress, t0)
+    except BaseException:
+        # a failed run removes the directory it created (never one that existed before), unless it already holds a
+        # complete checkpoint to resume from
+        if created and run_dir.is_dir() and find_checkpoint(run_dir) is None:
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _train_in(recipe: Recipe, run_dir: Path, info: parallel.DistInfo, resume: str | None, max_steps: int | None,
+              progress: bool | None, t0: float) -> TrainResult:
     _prepare_run_dir(run_dir, recipe, info)
     cfg, src = resolve_model(recipe)
     tok = build_tokenizer_for(recipe, src, cfg)

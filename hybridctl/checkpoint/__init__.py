@@ -114,11 +114,25 @@ def open_checkpoint(path: str | Path, **options: Any) -> Source:
     return open_megatron(Path(path), **options)
 
 
+def integer_tensors(config: ModelConfig) -> frozenset[str]:
+    """Names whose stored dtype may be an integer type. Empty today; quantized checkpoints declare theirs here."""
+    return frozenset(getattr(config, "integer_tensors", ()) or ())
+
+
 def check_specs(config: ModelConfig, specs: dict[str, TensorSpec], where: str) -> None:
-    """Strict comparison of a tensor plan with the model the config describes: one clear error on any mismatch."""
+    """Strict comparison of a tensor plan with the model the config describes (names, shapes and dtypes): one clear
+    error on any mismatch. A weight stored as an integer or bool is refused unless the config declares it
+    (``integer_tensors``)."""
     from hybridctl.model import build_model
 
-    expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
+    sd = build_model(config).state_dict()
+    ints = integer_tensors(config)
+    for k, v in sd.items():
+        dt = specs[k][1] if k in specs else None
+        if dt is not None and v.dtype.is_floating_point and not dt.is_floating_point and k not in ints:
+            raise HybridctlError(f"{where}: {k} is stored as {str(dt).removeprefix('torch.')}, the model needs a "
+                                 "floating-point weight")
+    expected = {k: tuple(v.shape) for k, v in sd.items()}
     missing = [k for k in expected if k not in specs]
     unexpected = [k for k in specs if k not in expected]
     if missing:

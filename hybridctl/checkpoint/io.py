@@ -31,17 +31,38 @@ ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
 TOKENIZER_MARKERS = ("hybridctl_tokenizer.json", "tokenizer.json", "tokenizer.model")
 
 
+def check_out_path(out: str | os.PathLike, sources: Iterable[str | os.PathLike], *, option: str = "--out") -> None:
+    """Refuse an output path that is a source, lies inside one, or contains one (paths resolved, symlinks followed):
+    writing (or --force replacing) it would destroy the input."""
+    o = Path(out).resolve()
+    for src in sources:
+        s = Path(src).resolve()
+        if o == s:
+            raise HybridctlError(f"{option} {out} is the source {src}; choose another")
+        if s in o.parents:
+            raise HybridctlError(f"{option} {out} lies inside the source {src}; choose a path outside it")
+        if o in s.parents:
+            raise HybridctlError(f"{option} {out} contains the source {src}; replacing it would delete the source")
+
+
+def _os_error(e: OSError, path: Path) -> HybridctlError:
+    return HybridctlError(f"{e.filename or path}: {e.strerror or type(e).__name__}")
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to ``out``; on success rename it to ``out`` (replacing it if overwrite)."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        else:
-            raise HybridctlError(f"{out}: already exists (choose another --out, or remove it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if out.exists() and not overwrite:
+            if out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+            else:
+                raise HybridctlError(f"{out}: already exists (choose another --out, or remove it)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise _os_error(e, out) from None
     try:
         yield tmp
         if out.exists():
@@ -70,21 +91,32 @@ def write_json(path: str | os.PathLike, obj: object) -> None:
 
 
 def parse_size(size: str | int) -> int:
-    """'5GB', '500MB', '1.5GiB' or a byte count → bytes."""
+    """'5GB', '500MB', '1.5GiB' or a byte count → bytes (a positive, finite size)."""
+    import math
+
+    if isinstance(size, bool) or not isinstance(size, (str, int)):
+        raise HybridctlError(f"shard size {size!r}: expected e.g. 5GB, 500MB or a byte count")
     if isinstance(size, int):
-        return size
-    s = size.strip().upper().replace(" ", "")
-    units = [("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)]
-    for suffix, mult in units:
-        if s.endswith(suffix):
-            try:
-                return int(float(s[: -len(suffix)]) * mult)
-            except ValueError:
+        n = size
+    else:
+        s = size.strip().upper().replace(" ", "")
+        units = [("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3),
+                 ("B", 1)]
+        mult, num = 1, s
+        for suffix, m in units:
+            if s.endswith(suffix):
+                mult, num = m, s[: -len(suffix)]
                 break
-    try:
-        return int(s)
-    except ValueError:
-        raise HybridctlError(f"shard size {size!r}: expected e.g. 5GB, 500MB or a byte count") from None
+        try:
+            x = float(num) * mult
+        except ValueError:
+            raise HybridctlError(f"shard size {size!r}: expected e.g. 5GB, 500MB or a byte count") from None
+        if not math.isfinite(x):
+            raise HybridctlError(f"shard size {size!r}: must be a finite size")
+        n = int(x)
+    if not 1 <= n <= 2**50:
+        raise HybridctlError(f"shard size {size!r}: must be between 1 byte and 1 PiB")
+    return n
 
 
 def write_sharded(out_dir: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],

@@ -62,6 +62,16 @@ def layer_pattern(keys: list[str], where: str) -> str:
     return "".join(kinds)
 
 
+def _check_tied_copy(mspecs: dict[str, TensorSpec], mget: Callable[[str, Split | None], torch.Tensor],
+                     split: Split | None, where: str) -> None:
+    """The args say tied: the file's output_layer.weight must then be a copy of the embedding, else refuse."""
+    emb, out = "embedding.word_embeddings.weight", "output_layer.weight"
+    same = tuple(mspecs[out][0]) == tuple(mspecs[emb][0]) and torch.equal(mget(out, split), mget(emb, split))
+    if not same:
+        raise HybridctlError(f"{where}: the args say the embeddings are tied (no untie_embeddings_and_output_weights) "
+                             f"but {out} differs from {emb}; refusing to drop the output layer")
+
+
 def build_source(fmt: str, path: Path, args: Any, mspecs: dict[str, TensorSpec],
                  mget: Callable[[str, Split | None], torch.Tensor], *, where: str, info: dict[str, Any],
                  search_dirs: list[Path] = ()) -> Source:
@@ -73,6 +83,10 @@ def build_source(fmt: str, path: Path, args: Any, mspecs: dict[str, TensorSpec],
     if "embedding.position_embeddings.weight" in mspecs:
         raise HybridctlError(f"{where}: learned absolute position embeddings are not supported (hybridctl models "
                              "use no position embedding or RoPE)")
+    pos = getattr(args, "position_embedding_type", None)
+    if pos not in (None, "none", "rope"):
+        raise HybridctlError(f"{where}: the args say position_embedding_type={pos!r} but the checkpoint holds no "
+                             "embedding.position_embeddings.weight; hybridctl reads only 'rope' or 'none'")
     padded = mspecs[emb][0][0]
     native_vocab = getattr(args, HYBRIDCTL_VOCAB_ARG, None) or padded
     conv = [s for k, s in mspecs.items() if k.endswith(("conv1d.weight", "conv1d_weight"))]
@@ -89,6 +103,8 @@ def build_source(fmt: str, path: Path, args: Any, mspecs: dict[str, TensorSpec],
             raise HybridctlError(f"{where}: {key} has shape {tuple(mspecs[key][0])}, the args imply {e.shape}")
         used[key] = (e, key)
     ignored = {"output_layer.weight"} if cfg.tie_embeddings else set()  # a tied model's last-stage copy
+    if ignored and "output_layer.weight" in mspecs:
+        _check_tied_copy(mspecs, mget, next(e.split for e in entries if e.key == emb), where)
     unexpected = [k for k in keys if k not in used and k not in ignored]
     if unexpected:
         raise HybridctlError(f"{where}: unexpected tensor {unexpected[0]!r} (not part of a model hybridctl can "
