@@ -53,6 +53,12 @@ class InferenceCache:
                 t.zero_()
 
 
+def _attention_dtype(x: Tensor) -> torch.dtype:
+    """The dtype attention will compute in: autocast's when it is on for x's device, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 class HybridLM(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None, dtype=None) -> None:
         super().__init__()
@@ -80,20 +86,21 @@ class HybridLM(nn.Module):
         x = self.embed(input_ids)
         offset = 0 if cache is None else cache.offset
         continuing = offset > 0
-        key_seq_idx = None
+        layout = None
         if cache is not None and seq_idx is not None and ATTENTION in self.cfg.pattern:
             # Attention layers need document ids for every key in the cache: padding (an earlier document than
             # the row's last) is marked invalid once, and later keys are always valid.
             valid = seq_idx == seq_idx[:, -1:]
             cache.key_valid[:, offset:offset + valid.shape[1]] = valid
-        if cache is None:
-            key_seq_idx = seq_idx
+        if cache is None and seq_idx is not None and ATTENTION in self.cfg.pattern:
+            # once per batch, shared by every attention layer: cu_seqlens / block mask / document spans
+            layout = kernels.document_layout(seq_idx, dtype=_attention_dtype(x))
         for i, layer in enumerate(self.layers):
             if layer.kind == MAMBA:
                 x = layer(x, seq_idx=seq_idx, state=None if cache is None else cache.layers[i], continuing=continuing)
             elif layer.kind == ATTENTION:
                 if cache is None:
-                    x = layer(x, seq_idx=key_seq_idx, positions=positions)
+                    x = layer(x, layout=layout, positions=positions)
                 else:
                     end = offset + x.shape[1]
                     # within a fresh prefill, left padding is its own document and may attend only to itself
