@@ -205,9 +205,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.dh, cfg.d_model, **kw)
 
     def forward(self, x: Tensor, *, seq_idx: Tensor | None = None, state: KVState | None = None, offset: int = 0,
-                positions: Tensor | None = None, key_valid: Tensor | None = None) -> Tensor:
+                positions: Tensor | None = None, key_valid: Tensor | None = None,
+                layout: kernels.DocumentLayout | None = None) -> Tensor:
         """x [B,T,D] → [B,T,D]. With ``state``, k/v are written at [offset, offset+T) and the queries attend to the
-        cache up to offset+T. ``seq_idx`` [B, offset+T] covers the keys; ``key_valid`` [B, S] masks cache slots."""
+        cache up to offset+T. ``seq_idx`` [B, offset+T] covers the keys; ``key_valid`` [B, S] masks cache slots.
+        ``layout``: packed documents without a cache (training), built once per batch by HybridLM."""
         bsz, seqlen, _ = x.shape
         q = self.q_proj(x).view(bsz, seqlen, self.n_heads, self.dh)
         k = self.k_proj(x).view(bsz, seqlen, self.n_kv, self.dh)
@@ -222,7 +224,7 @@ class Attention(nn.Module):
             state.k[:, offset:offset + seqlen] = k
             state.v[:, offset:offset + seqlen] = v
             k, v = state.k[:, :offset + seqlen], state.v[:, :offset + seqlen]
-        out = kernels.attention(q, k, v, offset=offset, seq_idx=seq_idx, key_valid=key_valid)
+        out = kernels.attention(q, k, v, offset=offset, seq_idx=seq_idx, key_valid=key_valid, layout=layout)
         return self.o_proj(out.reshape(bsz, seqlen, self.n_heads * self.dh))
 
     def step(self, x: Tensor, state: KVState, *, slot: Tensor, key_mask: Tensor, positions: Tensor | None = None,

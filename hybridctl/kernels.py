@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from hybridctl import ref
 from hybridctl.config import HybridctlError
@@ -39,6 +40,7 @@ class _Kernels:
     conv1d: Callable[..., Any] | None = None  # causal_conv1d_fn
     conv1d_update: Callable[..., Any] | None = None  # causal_conv1d_update
     flash_attn: Callable[..., Any] | None = None  # flash_attn_func
+    flash_attn_varlen: Callable[..., Any] | None = None  # flash_attn_varlen_func (packed documents, cu_seqlens)
     triton_ops: types.ModuleType | None = None  # hybridctl.triton_kernels (batch-1 GEMV, decode attention)
     errors: tuple[str, ...] = ()
 
@@ -100,9 +102,9 @@ def _load() -> _Kernels:
         except Exception as e:  # noqa: BLE001
             errors.append(f"triton: {type(e).__name__}: {e}")
         try:
-            from flash_attn import flash_attn_func
+            from flash_attn import flash_attn_func, flash_attn_varlen_func
 
-            k.flash_attn = flash_attn_func
+            k.flash_attn, k.flash_attn_varlen = flash_attn_func, flash_attn_varlen_func
         except Exception as e:  # noqa: BLE001
             errors.append(f"flash_attn: {type(e).__name__}: {e}")
     else:
@@ -261,7 +263,13 @@ def rmsnorm_gated(x, z, weight, eps, group_size):
     return k.rmsnorm_gated(x, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False)
 
 
-def attention(q, k, v, *, offset=0, seq_idx=None, key_valid=None):
+def attention(q, k, v, *, offset=0, seq_idx=None, key_valid=None, layout=None):
+    """ref.attention's signature plus ``layout`` (a DocumentLayout from ``document_layout``: packed documents of a
+    training row, offset 0, no cache). With a layout the O(T)-memory document path runs (flash-attn varlen,
+    FlexAttention or per-document SDPA, as the layout says); without one, plain causal goes to flash-attn when it
+    can and everything else to the reference (the cache/prefill paths)."""
+    if layout is not None:
+        return _document_attention(q, k, v, layout)
     kk = _kernels_for(q)
     plain = seq_idx is None and key_valid is None and offset == 0 and q.shape[1] == k.shape[1]
     if kk is not None and kk.flash_attn is not None and plain and q.dtype in (torch.float16, torch.bfloat16):
@@ -287,3 +295,189 @@ def linear(x, weight, bias=None, *, residual=None, norm_weight=None, norm_eps=1e
     y = ops.gemv(x.reshape(1, -1), weight, bias, None if residual is None else residual.reshape(1, -1), norm_weight,
                  float(norm_eps), activation)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+# ---- document-aware attention for packed rows (O(T) memory) ----------------------------------------------------------
+#
+# A packed row holds several documents (seq_idx [B,T], non-decreasing per row); attention must stay inside each one.
+# ``document_layout`` turns seq_idx into what the chosen path needs, once per batch (HybridLM.hidden_states calls it
+# before the layers and hands the same object to every attention layer, so the block mask / cu_seqlens are built
+# once and cached on it):
+#   "flash"    CUDA, fp16/bf16, kernel backend, flash-attn present: flash_attn_varlen_func over the flattened B·T
+#              tokens with cu_seqlens (a document that continues into the next row restarts there: rows are cut).
+#   "flex"     CUDA otherwise: FlexAttention (compiled) with a document-causal BlockMask built from block-level
+#              document ranges — O((T/128)²) booleans, never the T×S mask.
+#   "segments" CPU (FlexAttention has no CPU backward): SDPA is_causal per document, the documents of equal
+#              (start, end) across rows batched into one call; one host sync per batch (in document_layout).
+#   "dense"    the ``ref`` backend: the reference's [B,1,T,T] mask (the oracle).
+# All give ref.attention(q, k, v, seq_idx=seq_idx) (tests/test_attention_docs.py).
+
+FLEX_BLOCK = 128  # FlexAttention's default sparse block size
+
+
+@dataclass(eq=False)
+class DocumentLayout:
+    """Packed-document structure of one batch, for ``attention(..., layout=)``. seq_idx [B,T] int.
+
+    kind: "flash" | "flex" | "segments" | "dense" (see above). cu_seqlens [n_docs+1] int32 over the flattened B·T
+    tokens (flash); block_mask (flex); groups: ((start, end, rows [n] long), ...) per distinct document span (segments).
+    """
+
+    seq_idx: torch.Tensor
+    kind: str
+    cu_seqlens: torch.Tensor | None = None
+    block_mask: Any = None
+    groups: tuple[tuple[int, int, torch.Tensor], ...] = ()
+
+    @property
+    def seqlen(self) -> int:
+        return self.seq_idx.shape[1]
+
+
+def _document_kind(device: torch.device, dtype: torch.dtype) -> str:
+    eff = backend()  # also resolves _requested
+    if _requested == "ref":
+        return "dense"
+    if device.type != "cuda":
+        return "segments"
+    k = _load() if eff == "kernel" else _Kernels()
+    if k.flash_attn_varlen is not None and dtype in (torch.float16, torch.bfloat16):
+        return "flash"
+    return "flex"
+
+
+def document_layout(seq_idx: torch.Tensor | None, *, dtype: torch.dtype = torch.float32,
+                    kind: str | None = None) -> DocumentLayout | None:
+    """The DocumentLayout of packed rows seq_idx [B,T] for attention computed in ``dtype`` (None → None: one
+    document per row, plain causal). ``kind`` forces a path (tests, benchmarks); default: picked as described above."""
+    if seq_idx is None:
+        return None
+    kind = kind or _document_kind(seq_idx.device, dtype)
+    lay = DocumentLayout(seq_idx=seq_idx, kind=kind)
+    if kind == "flash":
+        lay.cu_seqlens = _cu_seqlens(seq_idx)
+    elif kind == "flex":
+        lay.block_mask = document_block_mask(seq_idx)
+    elif kind == "segments":
+        lay.groups = _segment_groups(seq_idx)
+    elif kind != "dense":
+        raise HybridctlError(f"document attention {kind!r} is unknown; use flash, flex, segments or dense")
+    return lay
+
+
+def _starts(seq_idx: torch.Tensor) -> torch.Tensor:
+    """[B,T] bool: True where a document starts (each row's first token and every change of seq_idx)."""
+    first = torch.ones_like(seq_idx[:, :1], dtype=torch.bool)
+    return torch.cat([first, seq_idx[:, 1:] != seq_idx[:, :-1]], dim=1)
+
+
+def _cu_seqlens(seq_idx: torch.Tensor) -> torch.Tensor:
+    """Cumulative document lengths [n_docs+1] int32 over the flattened B·T tokens (flash-attn's varlen layout)."""
+    starts = torch.nonzero(_starts(seq_idx).flatten()).flatten()
+    end = torch.tensor([seq_idx.numel()], device=seq_idx.device, dtype=starts.dtype)
+    return torch.cat([starts, end]).to(torch.int32)
+
+
+def _segment_groups(seq_idx: torch.Tensor) -> tuple[tuple[int, int, torch.Tensor], ...]:
+    """((start, end, rows), ...): each distinct document span [start, end) and the rows that hold it."""
+    bsz, seqlen = seq_idx.shape
+    cu = _cu_seqlens(seq_idx).tolist()  # the one host sync
+    spans: dict[tuple[int, int], list[int]] = {}
+    for a, b in zip(cu[:-1], cu[1:]):
+        row = a // seqlen
+        spans.setdefault((a - row * seqlen, b - row * seqlen), []).append(row)
+    return tuple((s, e, torch.tensor(rows, dtype=torch.long)) for (s, e), rows in spans.items())
+
+
+@torch.compiler.disable  # data-dependent Python loop: runs eagerly inside compiled blocks (one graph break)
+def _segments_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups) -> torch.Tensor:
+    bsz, seqlen = q.shape[:2]
+    gqa = q.shape[2] != k.shape[2]
+
+    def sdpa(qs, ks, vs):  # [n,L,heads,dh] → [n,L,A,dh]
+        o = F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2),
+                                           is_causal=True, enable_gqa=gqa)
+        return o.transpose(1, 2)
+
+    if len(groups) == 1 and len(groups[0][2]) == bsz:  # every row is one document
+        return sdpa(q, k, v)
+    out = q.new_empty(q.shape)
+    for s, e, rows in groups:
+        if len(rows) == bsz:
+            out[:, s:e] = sdpa(q[:, s:e], k[:, s:e], v[:, s:e])
+        else:
+            rows = rows.to(q.device)
+            out[rows, s:e] = sdpa(q[rows, s:e], k[rows, s:e], v[rows, s:e])
+    return out
+
+
+def document_block_mask(seq_idx: torch.Tensor, block: int = FLEX_BLOCK):
+    """FlexAttention BlockMask for document-causal attention over seq_idx [B,T], from block-level document ranges.
+
+    Rows are non-decreasing, so for query block i and key block j < i: some pair attends iff the key block's last
+    document is the query block's first; every pair does ("full", no mask_mod call) iff the key block's first
+    document is the query block's last (and both blocks are whole). The diagonal is always partial."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    bsz, seqlen = seq_idx.shape
+    nb = -(-seqlen // block)
+    idx = torch.arange(nb, device=seq_idx.device)
+    first = seq_idx[:, idx * block]  # [B,nb] document of each block's first / last token
+    last = seq_idx[:, torch.clamp((idx + 1) * block, max=seqlen) - 1]
+    below = idx[None, :] < idx[:, None]  # [nb(q), nb(kv)]: j < i
+    touch = (below[None] & (last[:, None, :] == first[:, :, None])) | torch.eye(nb, dtype=torch.bool,
+                                                                                device=seq_idx.device)[None]
+    whole = torch.ones(nb, dtype=torch.bool, device=seq_idx.device)
+    if seqlen % block:
+        whole[-1] = False
+    full = below[None] & (first[:, None, :] == last[:, :, None]) & whole[None, :, None] & whole[None, None, :]
+    partial = touch & ~full
+    sid = seq_idx
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qc, kc = q_idx.clamp(max=seqlen - 1), kv_idx.clamp(max=seqlen - 1)
+        return (q_idx >= kv_idx) & (sid[b, qc] == sid[b, kc])
+
+    def ordered(m):  # [B,nb,nb] bool → (counts [B,1,nb], indices [B,1,nb,nb]) int32, FlexAttention's layout
+        m = m.to(torch.int32)[:, None]
+        return m.sum(-1).to(torch.int32), torch.argsort(m, dim=-1, descending=True, stable=True).to(torch.int32)
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(seqlen, seqlen))
+
+
+_flex_compiled: Callable[..., Any] | None = None
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """FlexAttention, torch.compile'd once (compiled is its only fast and memory-efficient form); [B,heads,T,dh]."""
+    global _flex_compiled
+    if _flex_compiled is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout) -> torch.Tensor:
+    """q [B,T,A,dh], k/v [B,T,KV,dh] → [B,T,A,dh], attention inside each document of ``layout``."""
+    bsz, seqlen, n_heads, dh = q.shape
+    if k.shape[1] != seqlen or layout.seqlen != seqlen:
+        raise ValueError(f"document attention needs queries and keys of the layout's length {layout.seqlen}, "
+                         f"got {seqlen} and {k.shape[1]}")
+    kind = layout.kind
+    if kind == "flash" and q.dtype not in (torch.float16, torch.bfloat16):
+        kind, layout.block_mask = "flex", layout.block_mask or document_block_mask(layout.seq_idx)
+    if kind == "flash":
+        cu = layout.cu_seqlens
+        out = _load().flash_attn_varlen(q.reshape(bsz * seqlen, n_heads, dh), k.flatten(0, 1), v.flatten(0, 1),
+                                        cu, cu, seqlen, seqlen, causal=True)  # max_seqlen: the row (a bound)
+        return out.view(bsz, seqlen, n_heads, dh)
+    if kind == "flex":
+        out = _flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout.block_mask)
+        return out.transpose(1, 2)
+    if kind == "segments":
+        return _segments_attention(q, k, v, layout.groups)
+    return ref.attention(q, k, v, seq_idx=layout.seq_idx)

@@ -53,6 +53,12 @@ class InferenceCache:
                 t.zero_()
 
 
+def _attention_dtype(x: Tensor) -> torch.dtype:
+    """The dtype attention will compute in: autocast's when it is on for x's device, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 class HybridLM(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None, dtype=None) -> None:
         super().__init__()
@@ -80,20 +86,21 @@ class HybridLM(nn.Module):
         x = self.embed(input_ids)
         offset = 0 if cache is None else cache.offset
         continuing = offset > 0
-        key_seq_idx = None
+        layout = None
         if cache is not None and seq_idx is not None and ATTENTION in self.cfg.pattern:
             # Attention layers need document ids for every key in the cache: padding (an earlier document than
             # the row's last) is marked invalid once, and later keys are always valid.
             valid = seq_idx == seq_idx[:, -1:]
             cache.key_valid[:, offset:offset + valid.shape[1]] = valid
-        if cache is None:
-            key_seq_idx = seq_idx
+        if cache is None and seq_idx is not None and ATTENTION in self.cfg.pattern:
+            # once per batch, shared by every attention layer: cu_seqlens / block mask / document spans
+            layout = kernels.document_layout(seq_idx, dtype=_attention_dtype(x))
         for i, layer in enumerate(self.layers):
             if layer.kind == MAMBA:
                 x = layer(x, seq_idx=seq_idx, state=None if cache is None else cache.layers[i], continuing=continuing)
             elif layer.kind == ATTENTION:
                 if cache is None:
-                    x = layer(x, seq_idx=key_seq_idx, positions=positions)
+                    x = layer(x, layout=layout, positions=positions)
                 else:
                     end = offset + x.shape[1]
                     # within a fresh prefill, left padding is its own document and may attend only to itself
@@ -267,3 +274,85 @@ def memory_per_sequence(cfg: ModelConfig, *, dtype_bytes: int = 2, state_bytes: 
     kv = n_attn * 2 * cfg.attention.n_kv_heads * cfg.head_dim * dtype_bytes
     return {"state_bytes_per_sequence": ssm + conv, "ssm_state_bytes": ssm, "conv_state_bytes": conv,
             "kv_bytes_per_token": kv}
+
+
+# ---- training memory (the pre-flight check of `train`, and `extend-context --dry-run`) -------------------------------
+
+
+def _activation_bytes_per_token(cfg: ModelConfig, kind: str, b: int) -> float:
+    """Bytes one block of ``kind`` keeps for backward per token (b: compute dtype bytes; the residual stream is
+    fp32): the pre-norm's input and output, then what the mixer's ops save (an estimate of autograd's saved tensors,
+    the fused kernels' own saves included: SSD chunk states, attention's log-sum-exp)."""
+    d, r = cfg.d_model, 4
+    block = d * (r + b)
+    if kind == MAMBA:
+        m, h = cfg.mamba, cfg.mamba_nheads
+        return block + cfg.in_proj_dim * b + 2 * cfg.conv_dim * b + cfg.d_inner * (4 + 2 * b) \
+            + h * m.headdim * m.d_state * 4 / m.chunk_size + 8 * h
+    if kind == ATTENTION:
+        a, kv, dh = cfg.attention.n_heads, cfg.attention.n_kv_heads, cfg.head_dim
+        rope = (a + kv) * dh * b if cfg.attention.position == "rope" else 0
+        return block + (a + 2 * kv) * dh * b + rope + a * dh * b + a * 4
+    f = cfg.mlp.hidden_size
+    return block + f * b * (4 if cfg.mlp.activation == "swiglu" else 2)
+
+
+def training_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int, activation_checkpointing: bool,
+                    world_size: int = 1, compute_bytes: int = 2, n_params: int | None = None) -> dict[str, float]:
+    """Estimated peak bytes per device of one training step: fp32 master params, fp32 grads, AdamW's two fp32
+    moments (FSDP shards these three over ``world_size``) and the activations of one micro-batch of
+    ``micro_batch`` × ``seq_len`` tokens. With activation checkpointing each block keeps only its fp32 input and one
+    block at a time is recomputed in backward. The head keeps the logits (compute dtype and the fp32 copy of the
+    loss) and their fp32 gradient. ``n_params``: the model's parameter count when the caller has it."""
+    n_params = sum(param_counts(cfg).values()) if n_params is None else n_params
+    static = n_params * (4 + 4 + 8) / world_size
+    tokens = micro_batch * seq_len
+    per_layer = [_activation_bytes_per_token(cfg, kind, compute_bytes) for kind in cfg.pattern]
+    if activation_checkpointing:
+        layers = len(per_layer) * cfg.d_model * 4 + max(per_layer, default=0)
+    else:
+        layers = sum(per_layer)
+    head = cfg.d_model * (4 + 4 + compute_bytes) + cfg.vocab_size * (compute_bytes + 4 + 4 + 4)
+    acts = tokens * (layers + head)
+    return {"params": n_params * 4 / world_size, "grads": n_params * 4 / world_size,
+            "optimizer": n_params * 8 / world_size, "activations": acts, "total": static + acts}
+
+
+MEMORY_HEADROOM = 0.9  # of the device's memory: CUDA context, allocator fragmentation, workspaces
+
+
+def check_training_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int, activation_checkpointing: bool,
+                          world_size: int, compute_bytes: int, capacity_bytes: int, device_name: str) -> dict:
+    """Raise HybridctlError when ``training_memory`` exceeds MEMORY_HEADROOM × capacity_bytes, saying what would fit
+    (micro-batch 1 with full activation checkpointing, or the number of devices FSDP needs). Returns the estimate."""
+    from hybridctl.config import HybridctlError
+
+    n_params = sum(param_counts(cfg).values())
+
+    def est(mb: int, ac: bool, ws: int = world_size) -> float:
+        return training_memory(cfg, seq_len=seq_len, micro_batch=mb, activation_checkpointing=ac, world_size=ws,
+                               compute_bytes=compute_bytes, n_params=n_params)["total"]
+
+    limit = MEMORY_HEADROOM * capacity_bytes
+    mem = training_memory(cfg, seq_len=seq_len, micro_batch=micro_batch,
+                          activation_checkpointing=activation_checkpointing, world_size=world_size,
+                          compute_bytes=compute_bytes, n_params=n_params)
+    if mem["total"] <= limit:
+        return mem
+    gib = 2 ** 30
+    have = (f"needs ≈{mem['total'] / gib:.1f} GiB per device (params+grads+AdamW {(mem['total'] - mem['activations']) / gib:.1f}, "
+            f"activations {mem['activations'] / gib:.1f} at micro-batch {micro_batch} × {seq_len} tokens"
+            f"{', activation checkpointing' if activation_checkpointing else ''}) but {device_name} has "
+            f"{capacity_bytes / gib:.1f} GiB")
+    fits = [(mb, ac) for ac in (False, True) for mb in (micro_batch // 2 ** i for i in range(8))
+            if 1 <= mb < micro_batch or (mb == micro_batch and ac and not activation_checkpointing)]
+    fit = next(((mb, ac) for mb, ac in fits if est(mb, ac) <= limit), None)
+    if fit is not None:
+        mb, ac = fit
+        hint = f"optim.micro_batch={mb}" + (" and parallel.activation_checkpointing=true" if ac else "")
+        raise HybridctlError(f"this recipe does not fit: it {have}; {hint} would (≈{est(mb, ac) / gib:.1f} GiB)")
+    n = next((w for w in range(world_size + 1, 1025) if est(1, True, w) <= limit), None)
+    hint = (f"micro-batch 1 with activation checkpointing still needs ≈{est(1, True) / gib:.1f} GiB; "
+            + (f"FSDP over {n} devices would fit it (≈{est(1, True, n) / gib:.1f} GiB each)" if n else
+               f"the activations alone exceed the device at seq_len {seq_len}: shorten data.seq_len"))
+    raise HybridctlError(f"this recipe does not fit: it {have}; {hint}")

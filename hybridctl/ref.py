@@ -10,6 +10,7 @@ inputs stay float64, which is how the tests build their exact references).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -275,11 +276,15 @@ def attention_mask(q_len: int, k_len: int, *, offset: int, device: torch.device,
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, offset: int = 0, seq_idx: Tensor | None = None,
-              key_valid: Tensor | None = None) -> Tensor:
+              key_valid: Tensor | None = None, layout: Any = None) -> Tensor:
     """Causal attention with GQA. q [B,Tq,A,dh], k/v [B,S,G,dh] → [B,Tq,A,dh]; scale dh^-0.5.
 
     offset: absolute position of the first query (keys 0..S-1); seq_idx [B,S]: document ids (no attention across
-    documents); key_valid [B,S]: False for keys that must never be attended (padding in a cache)."""
+    documents); key_valid [B,S]: False for keys that must never be attended (padding in a cache). layout: a
+    kernels.DocumentLayout, read here only for its seq_idx. The dense [B,1,Tq,S] mask makes this the oracle of
+    kernels' O(T)-memory document attention, not a path for long rows."""
+    if layout is not None:
+        seq_idx = layout.seq_idx
     mask = attention_mask(q.shape[1], k.shape[1], offset=offset, device=q.device, seq_idx=seq_idx,
                           key_valid=key_valid)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -197,6 +197,28 @@ def build_data(recipe: Recipe, tokenizer: Any, info: parallel.DistInfo, split: s
                         shuffle_buffer=d.shuffle_buffer)
 
 
+def device_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, name) of what one training process may fill: the GPU's total memory, or the machine's RAM on CPU."""
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return int(p.total_memory), p.name
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine (RAM)"
+
+
+def check_memory(cfg: ModelConfig, recipe: Recipe, info: parallel.DistInfo) -> dict:
+    """Before the first step: HybridctlError when the recipe's estimated peak memory (model.training_memory) exceeds
+    the device, with what would fit."""
+    from hybridctl.model import check_training_memory
+
+    capacity, name = device_memory(info.device)
+    return check_training_memory(cfg, seq_len=recipe.data.seq_len, micro_batch=recipe.optim.micro_batch,
+                                 activation_checkpointing=recipe.parallel.activation_checkpointing,
+                                 world_size=info.world_size, compute_bytes=2 if _use_bf16(recipe, info.device) else 4,
+                                 capacity_bytes=capacity, device_name=name)
+
+
 def _use_bf16(recipe: Recipe, device: torch.device) -> bool:
     p = recipe.precision.dtype
     return p == "bfloat16" or (p == "auto" and device.type == "cuda")
@@ -346,6 +368,8 @@ def train(*, recipe: Recipe, run_dir: str | Path | None = None, resume: str | No
     info = parallel.init_distributed(device)
     recipe.grad_accum(info.world_size)  # fail now, not after building the model, if the batch does not divide
     kernels.set_backend(backend)
+    cfg, src = resolve_model(recipe)
+    check_memory(cfg, recipe, info)  # before anything is written
     run_dir = Path(run_dir or recipe.checkpoint.dir)
     if recipe.model.init_from is not None:
         from hybridctl.checkpoint.io import check_out_path
@@ -367,7 +391,6 @@ def train(*, recipe: Recipe, run_dir: str | Path | None = None, resume: str | No
 def _train_in(recipe: Recipe, run_dir: Path, info: parallel.DistInfo, resume: str | None, max_steps: int | None,
               progress: bool | None, t0: float) -> TrainResult:
     _prepare_run_dir(run_dir, recipe, info)
-    cfg, src = resolve_model(recipe)
     tok = build_tokenizer_for(recipe, src, cfg)
     torch.manual_seed(recipe.seed)
     model, no_decay = build_training_model(cfg, recipe, src, info)
