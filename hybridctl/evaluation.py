@@ -150,7 +150,8 @@ def perplexity_by_position(model, tokens: Sequence[int] | torch.Tensor, *, windo
             rows = torch.stack([ids[s:s + window + 1] for s in starts[i:i + batch_size]]).to(device)
             with autocast():
                 logits = model(rows[:, :-1])
-            per_tok = F.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none")  # [B, window]
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
+            per_tok = F.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none")  # [B, window]
             nll.index_add_(0, bucket, per_tok.double().sum(0))
             count.index_add_(0, bucket, torch.full((window,), float(rows.shape[0]), dtype=torch.float64,
                                                    device=device))
