@@ -1,85 +1,62 @@
-"""Shared pieces of benchmarks/generate_cpu.py and generate_gpu.py (imported from the script's own directory).
+"""Shared pieces of benchmarks/generate_cpu.py and generate_gpu.py (imported from the script's own directory): thin
+wrappers over the package, so the "× transformers" figures rest on the tested exporter and the model's own accounting.
 
-- ``to_nemotron_h(model)``: transformers' NemotronHForCausalLM holding exactly the weights of a HybridLM (the name
-  table is a prefix change: ``backbone.`` + ``embed`` → ``embeddings``; ``lm_head`` stays), so both peers decode the
-  same model.
+- ``to_nemotron_h(model)``: transformers' NemotronHForCausalLM loaded from hybridctl's HF export of the model
+  (``hybridctl.checkpoint.hf.write_hf``, the exporter tests/test_hf.py checks against transformers), so both peers
+  decode the same weights.
 - ``hf_decode_rate``: transformers' decode tokens/s as (B·(N−1)) / (t(N new tokens) − t(1 new token)), which
   cancels the prefill.
-- ``bytes_per_step``: the memory a decode step must read (all weights except the embedding table, of which only B rows
-  are gathered; SSM/conv state read + written; the KV cache up to the mean position) — the roofline's numerator.
-- ``matvec_bandwidth`` / ``copy_bandwidth``: the achievable memory bandwidth, measured on this machine
-  (``matvec_bandwidths``: each matrix-vector implementation and a plain streaming read, separately).
+- ``bytes_per_step``: ``hybridctl.model.decode_bytes_per_step`` — the roofline's numerator.
+- ``matvec_bandwidth(s)`` / ``copy_bandwidth``: the achievable memory bandwidth (benchmarks/probes.py).
+Raw results of new runs go to benchmarks/results/ (``RESULTS``); older JSON files stay where they were written.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Any, Callable
 
 import torch
+from probes import copy_bandwidth, matvec_bandwidth, matvec_bandwidths, sync  # noqa: F401 - the scripts' probes
+
+from hybridctl.model import decode_bytes_per_step
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def nemotron_h_config(cfg) -> dict[str, Any]:
-    """transformers NemotronHConfig kwargs for a hybridctl ModelConfig (NoPE attention, non-gated MLP)."""
-    m, a = cfg.mamba, cfg.attention
-    kinds = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
-    act = {"gelu": "gelu", "relu2": "relu2"}[cfg.mlp.activation]
-    return dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, layers_block_type=[kinds[s] for s in cfg.pattern],
-        num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, head_dim=cfg.head_dim,
-        intermediate_size=cfg.mlp.hidden_size, mlp_hidden_act=act, mamba_num_heads=cfg.mamba_nheads,
-        mamba_head_dim=m.headdim, n_groups=m.ngroups, ssm_state_size=m.d_state, conv_kernel=m.d_conv,
-        expand=m.expand, chunk_size=m.chunk_size, use_conv_bias=m.conv_bias, use_bias=m.bias,
-        # NemotronH clamps dt >= time_step_min in its prefill (not in its decode step): keep the clamp at 0 in
-        # both peers so the two compute the same function.
-        time_step_min=m.dt_clamp_min, time_step_limit=(m.dt_clamp_min, float("inf")),
-        layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, residual_in_fp32=False,
-        pad_token_id=0, bos_token_id=None, eos_token_id=None, use_cache=True, max_position_embeddings=1 << 20,
-    )
+def to_nemotron_h(model, *, device=None, dtype=None, workdir: str | None = None):
+    """transformers' NemotronHForCausalLM with the weights of ``model`` (a HybridLM), through hybridctl's HF export:
+    an in-memory Source of the model's state dict → ``write_hf(arch="nemotron_h")`` into a temporary directory (in
+    ``workdir``, default the system's) → ``from_pretrained``. NoPE: positions are not limited (max_position 2^20)."""
+    import tempfile
+    from pathlib import Path
 
+    from transformers import NemotronHForCausalLM
 
-def to_nemotron_h(model, *, device=None, dtype=None):
-    """transformers' NemotronHForCausalLM with the weights of ``model`` (a HybridLM)."""
-    from transformers import NemotronHConfig, NemotronHForCausalLM
+    from hybridctl.checkpoint import Source
+    from hybridctl.checkpoint.hf import write_hf
 
-    kw = nemotron_h_config(model.cfg)
-    try:
-        hf_cfg = NemotronHConfig(**kw)
-    except Exception:  # noqa: BLE001 - older transformers: the pattern string is the only layer-type field
-        kw["hybrid_override_pattern"] = model.cfg.pattern
-        del kw["layers_block_type"]
-        hf_cfg = NemotronHConfig(**kw)
-    with torch.device("meta"):
-        hf = NemotronHForCausalLM(hf_cfg)
-    # On disk the prefix is "backbone."; transformers 5 renames the module to "model." on load. Use whichever
-    # prefix this transformers' module tree has.
-    prefix = next(k for k in hf.state_dict() if k.endswith("embeddings.weight")).removesuffix("embeddings.weight")
-    sd = {}
-    for name, t in model.state_dict().items():
-        hf_name = name if name == "lm_head.weight" else prefix + name.replace("embed.", "embeddings.", 1)
-        sd[hf_name] = t.detach().clone()
-    if model.cfg.tie_embeddings:
-        sd["lm_head.weight"] = sd[prefix + "embeddings.weight"]
-    hf.load_state_dict(sd, strict=True, assign=True)
-    hf = hf.to(device=device or next(model.parameters()).device, dtype=dtype or next(model.parameters()).dtype)
-    return hf.eval()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    src = Source(format="native", path=Path("<in-memory model>"), config=model.cfg,
+                 specs={k: (tuple(v.shape), v.dtype) for k, v in sd.items()},
+                 get=lambda n: sd[n].to("cpu", copy=True))  # a fresh tensor per read, as from a file
+    first = next(model.parameters())
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="hybridctl-hf-") as tmp:
+        write_hf(Path(tmp) / "hf", src, arch="nemotron_h")
+        hf = NemotronHForCausalLM.from_pretrained(str(Path(tmp) / "hf"), dtype=dtype or first.dtype,
+                                                  max_position_embeddings=1 << 20)
+    return hf.to(device=device or first.device).eval()
 
 
 def hf_generate_time(hf, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
-    _sync(input_ids.device)
+    sync(input_ids.device)
     t = time.perf_counter()
     with torch.inference_mode():
         out = hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
-    _sync(input_ids.device)
+    sync(input_ids.device)
     return time.perf_counter() - t, out[:, input_ids.shape[1]:]
 
 
@@ -96,83 +73,8 @@ def hf_decode_rate(hf, input_ids: torch.Tensor, new_tokens: int, repeats: int = 
 
 
 def bytes_per_step(model, batch: int, mean_kv_len: int, state_bytes: int = 4) -> int:
-    """Bytes a decode step must move at least: weights (embedding: only the B gathered rows), SSM + conv state
-    (read and written), the KV cache up to ``mean_kv_len`` (read)."""
-    cfg = model.cfg
-    total = 0
-    for name, p in model.named_parameters():
-        if name == "embed.weight":
-            total += batch * p.shape[1] * p.element_size()
-            if model.lm_head is None:  # tied: the head reads the whole table
-                total += p.numel() * p.element_size()
-        else:
-            total += p.numel() * p.element_size()
-    esize = next(model.parameters()).element_size()
-    n_mamba, n_attn = cfg.pattern.count("M"), cfg.pattern.count("*")
-    ssm = n_mamba * cfg.mamba_nheads * cfg.mamba.headdim * cfg.mamba.d_state * state_bytes
-    conv = n_mamba * cfg.conv_dim * cfg.mamba.d_conv * esize
-    kv = n_attn * 2 * cfg.attention.n_kv_heads * cfg.head_dim * esize * mean_kv_len
-    return total + batch * (2 * (ssm + conv) + kv)
-
-
-def _best_time(device: torch.device, fn: Callable[[], Any], repeats: int) -> float:
-    best = math.inf
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def matvec_bandwidths(device: torch.device, dtype: torch.dtype, mbytes: int = 512, repeats: int = 10
-                      ) -> dict[str, float]:
-    """Bytes/s of y = W x (W [rows, 4096], x [1, 4096]) over a matrix far larger than the caches, per way of computing
-    it, plus ``read`` = W.sum() (a plain streaming read of the same bytes, for reference).
-
-    ``F.linear`` is MKL's sgemv on the CPU, which streams at only about half of what the memory delivers on the
-    2-core EPYC VMs; ``onednn`` (CPU fp32 only) is oneDNN's inner product on a weight reordered once
-    (``mkldnn._reorder_linear_weight`` + ``mkldnn._linear_pointwise``, what Inductor's freezing pass and
-    hybridctl's CPU fast path run), ``onednn_to_mkldnn`` the older mkldnn_linear with per-call to_mkldnn/to_dense."""
-    esize = torch.empty((), dtype=dtype).element_size()
-    rows = mbytes * 2**20 // (esize * 4096)
-    w = torch.randn(rows, 4096, device=device, dtype=dtype)
-    x = torch.randn(1, 4096, device=device, dtype=dtype)
-    nbytes = w.numel() * esize
-    out = {"F.linear": nbytes / _best_time(device, lambda: torch.nn.functional.linear(x, w), repeats)}
-    if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-        out["onednn"] = nbytes / _best_time(
-            device, lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), repeats)
-        del packed
-        wm = w.to_mkldnn()
-        out["onednn_to_mkldnn"] = nbytes / _best_time(
-            device, lambda: torch._C._nn.mkldnn_linear(x.to_mkldnn(), wm, None).to_dense(), repeats)
-        del wm
-    out["read"] = nbytes / _best_time(device, w.sum, repeats)
-    return out
-
-
-def matvec_bandwidth(device: torch.device, dtype: torch.dtype, mbytes: int = 512, repeats: int = 10) -> float:
-    """Bytes/s of the fastest y = W x available here (``matvec_bandwidths`` without ``read``): the rate a decode
-    step can stream weights, the roofline's denominator. On the GPU that is F.linear (cuBLAS gemv)."""
-    bws = matvec_bandwidths(device, dtype, mbytes, repeats)
-    return max(v for k, v in bws.items() if k != "read")
-
-
-def copy_bandwidth(device: torch.device, mbytes: int = 1024, repeats: int = 10) -> float:
-    """Bytes/s of a device-to-device copy (read + write counted), the usual GPU bandwidth roofline."""
-    a = torch.empty(mbytes * 2**20, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    best = math.inf
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        b.copy_(a)
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * a.numel() / best
+    """``hybridctl.model.decode_bytes_per_step`` at the mean KV length of a run."""
+    return decode_bytes_per_step(model, batch, mean_kv_len, state_bytes=state_bytes)
 
 
 def guarded(label: str, fn: Callable[[], Any], errors: dict[str, str]) -> Any:
@@ -192,14 +94,16 @@ def device_is_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def write_json(name: str, obj: Any) -> None:
-    out = os.environ.get("OUT")
-    if out:
-        os.makedirs(out, exist_ok=True)
-        path = os.path.join(out, name)
-        with open(path, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-        print(f"wrote {path}")
+def write_json(name: str, obj: Any) -> str:
+    """Write raw results as JSON to $OUT/name when OUT is set (a device run brings $OUT back), else to
+    benchmarks/results/name. Returns the path."""
+    out = os.environ.get("OUT") or RESULTS
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, name)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    print(f"wrote {path}")
+    return path
 
 
 def table(rows: list[dict[str, Any]], cols: list[str]) -> str:

@@ -10,7 +10,7 @@ Both peers decode the same randomly initialised model (speed does not depend on 
 compared as a sanity check (random weights give near-ties, so a late divergence is possible; the first tokens must
 agree). The roofline: bytes a decode step must move ÷ the fastest matrix-vector bandwidth measured here (MKL's
 F.linear or oneDNN's prepacked inner product; ``read_roofline_frac`` divides by a plain streaming read, W.sum(),
-instead). Prints a table last; writes $OUT/generate_cpu.json when OUT is set.
+instead). Prints a table last; writes generate_cpu.json to $OUT when OUT is set, else to benchmarks/results/
 """
 
 from __future__ import annotations

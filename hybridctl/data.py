@@ -6,7 +6,8 @@ Sources (``build_loader(source=...)``, a string or a list of strings):
                    line, then ``Name: `` of one entry; the answer is its number. Options ``n_entries`` (default: fill
                    the context), ``context_len`` (tokens per example, default ``seq_len + 1``).
   ``"copy"``       a random lowercase string, a newline, the same tokens again. Options ``min_len``, ``max_len``
-                   (characters), ``context_len``.
+                   (characters), ``context_len``. The tasks themselves live in `hybridctl.tasks`; their exact-match
+                   accuracy is `hybridctl.evaluation.task_accuracy`.
   a file, a directory, a glob (text, JSONL, zstd of those; blank lines separate plain-text documents) or a Megatron
                    prefix: read by `hybridctl.corpora` (its docstring gives the formats). Megatron documents are token
                    ids, used as stored, plus EOS when a document does not already end with it.
@@ -50,6 +51,7 @@ import torch
 from hybridctl.config import HybridctlError
 from hybridctl.corpora import SPLITS, TASKS, open_corpus
 from hybridctl.recipe import at_least
+from hybridctl.tasks import TokenDoc, make_task  # noqa: F401 - TokenDoc: the packed unit (re-exported)
 from hybridctl.tokenizer import Tokenizer  # same layer: the one tokenizer interface
 
 log = logging.getLogger(__name__)
@@ -57,161 +59,6 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 _STATE_FORMAT = "hybridctl.data/1"
 _TOKENIZE_GROUP = 64  # documents per encode_batch call (HF tokenizers encode a batch in parallel)
-
-
-@dataclass
-class TokenDoc:
-    """One tokenised document: ``ids`` int64 [L]; ``targets`` bool [L] marks tokens that may be predicted."""
-
-    ids: np.ndarray
-    targets: np.ndarray
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Synthetic tasks: example i is a pure function of (seed, split, i), so any position can be resumed
-# --------------------------------------------------------------------------------------------------------------------
-
-_TASK_OPTIONS = {"phonebook": ("n_entries", "context_len"), "copy": ("min_len", "max_len", "context_len")}
-_CONSONANTS, _VOWELS = "bcdfghklmnprstvz", "aeiou"
-
-
-def _phone_entries(rng: np.random.Generator, chunk: int = 64) -> Iterator[list[tuple[str, str]]]:
-    """Endless chunks of ("Xxxx Yyyyy", "ddd-ddd-dddd") pairs: names of 2-3 consonant-vowel syllables per word.
-    Drawn ``chunk`` entries at a time (one numpy call per field): scalar draws dominated the cost."""
-    while True:
-        syllables, digits = rng.integers(2, 4, size=(chunk, 2)).tolist(), rng.integers(10, size=(chunk, 10)).tolist()
-        cons, vow = rng.integers(16, size=(chunk, 2, 3)).tolist(), rng.integers(5, size=(chunk, 2, 3)).tolist()
-        out = []
-        for j in range(chunk):
-            words = ("".join(_CONSONANTS[c] + _VOWELS[v] for c, v in zip(cons[j][w], vow[j][w][:syllables[j][w]]))
-                     for w in (0, 1))
-            d = "".join(map(str, digits[j]))
-            out.append((" ".join(w.capitalize() for w in words), f"{d[:3]}-{d[3:6]}-{d[6:]}"))
-        yield out
-
-
-class _Task:
-    """Shared parts: options, the token budget per example, BOS/EOS, per-example RNG."""
-
-    def __init__(self, name: str, tokenizer: Tokenizer, seq_len: int, seed: int, split: str,
-                 options: Mapping[str, Any]) -> None:
-        unknown = sorted(set(options) - set(_TASK_OPTIONS[name]))
-        if unknown:
-            raise HybridctlError(f"{name}: unknown option(s) {unknown}; valid: {list(_TASK_OPTIONS[name])}")
-        for key, v in options.items():
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise HybridctlError(f"{name}.{key}: must be a positive integer, got {v!r}")
-        self.name, self.options, self.seed, self.split_code = name, dict(options), seed, SPLITS.index(split)
-        self.budget = self.options.get("context_len") or seq_len + 1
-        if self.budget > seq_len + 1:
-            raise HybridctlError(f"{name}.context_len: {self.budget} exceeds a row of seq_len + 1 = {seq_len + 1}")
-        self.tok = tokenizer
-        self.bos = [tokenizer.bos_id] if tokenizer.add_bos else []
-        self.eos = tokenizer.eos_id
-        self.newline = self.encode("\n")
-        self.example(0)  # fail on impossible options now, not at some later step
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_bos=False)
-
-    def rng(self, i: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.split_code, i])
-
-    def finish(self, prompt: list[int], answer: list[int]) -> TokenDoc:
-        """``prompt + answer + [EOS]``; only the answer tokens are targets."""
-        ids = np.array(prompt + answer + [self.eos], np.int64)
-        targets = np.zeros(len(ids), bool)
-        targets[len(prompt):len(prompt) + len(answer)] = True
-        return TokenDoc(ids, targets)
-
-    def example(self, i: int) -> TokenDoc:
-        raise NotImplementedError
-
-    def documents(self, epoch: int, start: int) -> Iterator[tuple[int, TokenDoc]]:
-        for i in itertools.count(start):  # endless: the epoch never ends
-            yield i, self.example(i)
-
-
-class _Phonebook(_Task):
-    def example(self, i: int) -> TokenDoc:
-        rng, n_entries = self.rng(i), self.options.get("n_entries")
-        names: set[str] = set()
-        entries: list[tuple[list[int], list[int]]] = []  # (ids of "Name: ", ids of the number)
-        used, reserve = len(self.bos) + len(self.newline), 0  # reserve: the longest query + answer + EOS so far
-        misses = 0  # consecutive candidates that did not fit
-        candidates = self._candidates(rng)
-        while n_entries is None or len(entries) < n_entries:
-            name, key, value = next(candidates)
-            if name in names:
-                continue
-            size, query = len(key) + len(value) + len(self.newline), len(key) + len(value) + 1
-            if used + size + max(reserve, query) > self.budget:
-                if n_entries is None and entries:
-                    break
-                misses += 1  # names vary in length: a shorter one may still fit
-                if misses < 100:
-                    continue
-                raise HybridctlError(f"phonebook: {len(entries) + 1} entries do not fit {self.budget} tokens; "
-                                     f"raise seq_len/context_len or lower n_entries")
-            misses = 0
-            names.add(name)
-            entries.append((key, value))
-            used, reserve = used + size, max(reserve, query)
-        key, value = entries[int(rng.integers(len(entries)))]
-        book = [t for k, v in entries for t in (*k, *v, *self.newline)]
-        return self.finish(self.bos + book + self.newline + key, value)
-
-    def _candidates(self, rng: np.random.Generator) -> Iterator[tuple[str, list[int], list[int]]]:
-        """(name, ids of "Name: ", ids of the number); each chunk is tokenised in one encode_batch call."""
-        for chunk in _phone_entries(rng):
-            ids = self.tok.encode_batch([f"{n}: " for n, _ in chunk] + [num for _, num in chunk], add_bos=False)
-            yield from ((name, ids[j], ids[len(chunk) + j]) for j, (name, _) in enumerate(chunk))
-
-
-class _Copy(_Task):
-    def example(self, i: int) -> TokenDoc:
-        room = (self.budget - len(self.bos) - len(self.newline) - 1) // 2  # tokens per copy
-        lo, hi = self.options.get("min_len") or 1, self.options.get("max_len") or room
-        if room < 1 or not lo <= hi <= room:
-            raise HybridctlError(f"copy: need min_len <= max_len <= {max(room, 0)} for {self.budget}-token "
-                                 f"examples, got min_len={lo}, max_len={hi}")
-        rng = self.rng(i)
-        text = "".join(chr(97 + c) for c in rng.integers(26, size=int(rng.integers(lo, hi + 1))))
-        ids = self.encode(text)[:room]  # a tokenizer that spends more tokens than characters is cut to fit
-        return self.finish(self.bos + ids + self.newline, ids)
-
-
-@dataclass
-class TaskAccuracy:
-    """``exact_match``: fraction of examples whose answer tokens are all right; ``token_accuracy`` per token."""
-
-    exact_match: float
-    token_accuracy: float
-    examples: int
-    tokens: int
-
-
-def task_accuracy(logits_or_predictions: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> TaskAccuracy:
-    """Accuracy on the labelled positions of ``batch`` (the answers, for tasks).
-
-    ``logits_or_predictions``: logits [B, T, V] (argmax taken) or predicted ids [B, T], aligned with
-    ``batch["labels"]`` [B, T]. An example is one (row, ``seq_idx``) group with at least one label.
-    """
-    pred = logits_or_predictions
-    pred = pred.argmax(-1) if pred.dim() == 3 else pred
-    labels, seq_idx = batch["labels"], batch["seq_idx"].long()
-    if pred.shape != labels.shape:
-        raise ValueError(f"predictions {tuple(pred.shape)} do not match labels {tuple(labels.shape)}")
-    B, T = labels.shape
-    valid = labels != IGNORE_INDEX
-    correct = (pred.to(labels.device) == labels) & valid
-    group = torch.arange(B, device=labels.device)[:, None] * (T + 1) + seq_idx  # (row, document) → one id
-    n_valid = torch.bincount(group[valid], minlength=B * (T + 1))
-    n_correct = torch.bincount(group[correct], minlength=B * (T + 1))
-    examples, tokens = int((n_valid > 0).sum()), int(valid.sum())
-    exact = int(((n_correct == n_valid) & (n_valid > 0)).sum())
-    return TaskAccuracy(exact_match=exact / max(examples, 1), token_accuracy=int(correct.sum()) / max(tokens, 1),
-                        examples=examples, tokens=tokens)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -335,8 +182,7 @@ class PackedLoader:
         name = config.sources[0]
         self._task = None
         if name in TASKS:
-            cls = _Phonebook if name == "phonebook" else _Copy
-            self._task = cls(name, tokenizer, config.seq_len, config.seed, config.split, config.task_options)
+            self._task = make_task(name, tokenizer, config.seq_len, config.seed, config.split, config.task_options)
         self._source = self._task if self._task is not None else open_corpus(
             config.sources, seed=config.seed, split=config.split, eval_every=config.eval_every,
             text_field=config.text_field, shuffle_buffer=config.shuffle_buffer)

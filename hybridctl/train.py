@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from hybridctl import parallel
 from hybridctl.checkpoint.training import (  # noqa: F401 - part of this workflow's API (tests, benchmarks)
@@ -41,6 +40,8 @@ from hybridctl.checkpoint.training import (  # noqa: F401 - part of this workflo
 )
 from hybridctl.config import HybridctlError, ModelConfig
 from hybridctl.data import IGNORE_INDEX
+from hybridctl.evaluation import evaluate as evaluate_batches
+from hybridctl.evaluation import lm_loss_sum, perplexity
 from hybridctl.recipe import Recipe, dump_toml
 
 log = logging.getLogger(__name__)
@@ -77,12 +78,7 @@ class TrainResult:
         return d
 
 
-def perplexity(loss: float) -> float:
-    """exp(loss), capped at exp(80) so a diverged run reports a finite number."""
-    return math.exp(min(loss, 80.0))
-
-
-# ---- schedule and loss ----------------------------------------------------------------------------------------------
+# ---- schedule ----------------------------------------------------------------------------------------------
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
@@ -100,12 +96,6 @@ def lr_at(step: int, recipe: Recipe) -> float:
     if step < start:
         return o.lr
     return o.lr + (o.min_lr - o.lr) * min(1.0, (step - start + 1) / decay)
-
-
-def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over labelled positions (labels == -100 skipped), in fp32. logits [B,T,V], labels [B,T]."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
 
 
 # ---- model, optimizer, data -------------------------------------------------------------------------------------------
@@ -260,36 +250,11 @@ def train_step(model, optimizer, batches: list[dict[str, torch.Tensor]], recipe:
     return float(parallel.all_reduce_sum(loss_sum) / n_tok), float(norm)
 
 
-@torch.no_grad()
 def evaluate(model, loader, recipe: Recipe, info: parallel.DistInfo) -> dict[str, float]:
-    """Held-out loss (token mean) over ``eval.batches`` micro-batches per rank; task exact-match for tasks."""
-    from hybridctl.data import task_accuracy
-
-    model.eval()
-    dev = info.device
-    sums = torch.zeros(4, device=dev, dtype=torch.float64)  # loss, tokens, exact matches, examples
-    for _ in range(recipe.eval.batches):
-        b = next(loader, None)
-        if b is None:
-            break
-        x, y, s = (b[k].to(dev) for k in ("input_ids", "labels", "seq_idx"))
-        with _autocast(recipe, dev):
-            logits = model(x, seq_idx=s)
-        sums[0] += lm_loss_sum(logits, y).double()
-        sums[1] += (y != IGNORE_INDEX).sum()
-        if recipe.data.task:
-            acc = task_accuracy(logits, {"labels": y, "seq_idx": s})
-            sums[2] += acc.exact_match * acc.examples
-            sums[3] += acc.examples
-    model.train()
-    parallel.all_reduce_sum(sums)
-    out = {}
-    if sums[1] > 0:
-        out["eval_loss"] = float(sums[0] / sums[1])
-        out["eval_ppl"] = perplexity(out["eval_loss"])
-    if sums[3] > 0:
-        out["eval_accuracy"] = float(sums[2] / sums[3])
-    return out
+    """The recipe's held-out evaluation (``hybridctl.evaluation.evaluate``): ``eval.batches`` micro-batches per rank,
+    task exact-match when the data is a task."""
+    return evaluate_batches(model, loader, max_batches=recipe.eval.batches, device=info.device,
+                            task=bool(recipe.data.task), autocast=lambda: _autocast(recipe, info.device))
 
 
 # ---- metrics and the entry function ---------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import zstandard
 
 from hybridctl.config import HybridctlError
 from hybridctl.corpora import builtin_documents, iter_documents, write_megatron_dataset
-from hybridctl.data import IGNORE_INDEX, build_loader, task_accuracy
+from hybridctl.data import IGNORE_INDEX, build_loader
+from hybridctl.evaluation import task_accuracy
 from hybridctl.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
