@@ -342,7 +342,7 @@ def train(*, recipe: Recipe, run_dir: str | Path | None = None, resume: str | No
         check_out_path(run_dir, [recipe.model.init_from], option="--run-dir")
     created = info.is_main and not run_dir.exists()
     try:
-        return _train_in(recipe, run_dir, info, resume, max_steps, progress, t0)
+        return _train_in(recipe, cfg, src, run_dir, info, resume, max_steps, progress, t0)
     except BaseException:
         # a failed run removes the directory it created (never one that existed before), unless it already holds a
         # complete checkpoint to resume from
@@ -353,7 +353,7 @@ def train(*, recipe: Recipe, run_dir: str | Path | None = None, resume: str | No
         raise
 
 
-def _train_in(recipe: Recipe, run_dir: Path, info: parallel.DistInfo, resume: str | None, max_steps: int | None,
+def _train_in(recipe: Recipe, cfg: ModelConfig, src: Any, run_dir: Path, info: parallel.DistInfo, resume: str | None, max_steps: int | None,
               progress: bool | None, t0: float) -> TrainResult:
     _prepare_run_dir(run_dir, recipe, info)
     tok = build_tokenizer_for(recipe, src, cfg)
