@@ -353,8 +353,8 @@ def train(*, recipe: Recipe, run_dir: str | Path | None = None, resume: str | No
         raise
 
 
-def _train_in(recipe: Recipe, cfg: ModelConfig, src: Any, run_dir: Path, info: parallel.DistInfo, resume: str | None, max_steps: int | None,
-              progress: bool | None, t0: float) -> TrainResult:
+def _train_in(recipe: Recipe, cfg: ModelConfig, src: Any, run_dir: Path, info: parallel.DistInfo,
+              resume: str | None, max_steps: int | None, progress: bool | None, t0: float) -> TrainResult:
     _prepare_run_dir(run_dir, recipe, info)
     tok = build_tokenizer_for(recipe, src, cfg)
     torch.manual_seed(recipe.seed)
