@@ -365,6 +365,8 @@ def _write_tokenizer(src: Source, tok: Any, out: Path) -> None:
     if tok.kind == "byte":
         _byte_tokenizer_json(tok, out)
         tok.save(out)  # the hybridctl marker: reading this dir back gives the exact byte tokenizer
+    elif not src.tokenizer_dir.is_dir():  # a tokenizer file found by content under another name
+        tok.save(out)  # as tokenizer.json / tokenizer.model (+ tokenizer_config.json), the names HF loaders read
     else:
         copy_files(src.tokenizer_dir, out, TOKENIZER_FILES)
 
@@ -387,7 +389,9 @@ def write_hf(out: str | Path, src: Source, *, arch: str = "auto", dtype: torch.d
 
     def get(hf_name: str) -> torch.Tensor:
         n = plan.native_names[hf_name]
-        return src.get("embed.weight" if n not in src.specs else n)
+        if n not in src.specs:  # a tied model's NemotronH head: its own tensor (safetensors refuses shared storage)
+            return src.get("embed.weight").clone()
+        return src.get(n)
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_sharded(tmp, plan.specs, get, max_shard_size=max_shard_size, progress=progress)
