@@ -197,19 +197,20 @@ def open_hf(path: str | Path, **_: Any) -> Source:
     if c is None:
         raise HybridctlError(f"{where}: no config.json")
     kind = _hf_kind(c, where)
+    # the config first: a model hybridctl cannot run (MoE, ...) is refused by what it is, not by its tensor names
+    if kind == "nemotron_h":
+        cfg, more = from_nemotron(c, where)
+    elif kind == "mamba2":
+        cfg, more = from_mamba2(c, where)
     weights = _open_weights(path)
     notes: list[str] = []
     names = _map_names(weights, kind, where, notes)
     require("embed.weight" in names, where, "the embedding tensor is missing")
-    if kind == "nemotron_h":
-        cfg, more = from_nemotron(c, where)
-        config_tied = bool(c.get("tie_word_embeddings", False))
-    elif kind == "mamba2":
-        cfg, more = from_mamba2(c, where)
-        config_tied = bool(c.get("tie_word_embeddings", False))
-    else:
+    if kind == "mamba_ssm":
         cfg, more = from_mamba_ssm(c, where, weights.spec(names["embed.weight"])[0][0])
         config_tied = bool(c.get("tie_embeddings", True))
+    else:
+        config_tied = bool(c.get("tie_word_embeddings", False))
     notes += more
     tied = _decide_tie(kind, config_tied, names, weights, notes)
     if tied:
