@@ -400,6 +400,7 @@ def convert(
     rows = [("source", f"{res.src} ({res.src_format})"), ("target", res.to + (f" ({res.arch})" if res.arch else "")),
             ("pattern", res.pattern), ("tensors", f"{res.n_tensors}, {_fmt_bytes(res.nbytes)} {res.dtype}"),
             ("vocab", f"{res.vocab_size}" + (" (tied embeddings)" if res.tied else "")),
+            ("tokenizer", res.tokenizer or "none found in the source: none written"),
             ("output", "(dry run: nothing written)" if res.dry_run else f"{res.out} ({len(res.files)} files, "
              f"{res.seconds:.1f} s)")]
     typer.echo(_table(rows + [("note", n) for n in res.notes]))

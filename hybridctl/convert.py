@@ -38,10 +38,12 @@ class ConvertResult:
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    tokenizer: str | None = None  # where the carried tokenizer came from; None: the source has none, none written
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["src"], d["out"] = str(self.src), (str(self.out) if self.out else None)
+        d["tokenizer"] = self.tokenizer
         return d
 
 
@@ -179,13 +181,17 @@ def convert(*, src: str | Path, to: str, out: str | Path | None, dtype: str | No
                 else:
                     writer(out, final, tp=tp, pp=pp, keys=megatron_keys, overwrite=overwrite, progress=bar.update)
             files = sorted(p.name for p in Path(out).iterdir())
+    tok_from = None if final.tokenizer_dir is None else str(final.tokenizer_dir)
+    if tok_from is None:
+        log.info("convert: the source carries no tokenizer: none is written (generate will need --tokenizer)")
     for n in notes:
         log.info("convert: %s", n)
     cfg = final.config
     return ConvertResult(src=src, src_format=source.format, to=to, out=None if dry_run else out, dry_run=dry_run,
                          arch=arch, pattern=cfg.pattern, n_tensors=n_tensors, nbytes=nbytes,
                          dtype=dtype_name(tdtype or final.dtype), vocab_size=cfg.vocab_size,
-                         tied=cfg.tie_embeddings, files=files, notes=notes, seconds=time.perf_counter() - t0)
+                         tied=cfg.tie_embeddings, files=files, notes=notes, seconds=time.perf_counter() - t0,
+                         tokenizer=tok_from)
 
 
 def _cast(src: Any, dtype: Any) -> Any:

@@ -6,8 +6,9 @@ from the tokenizer's *own* configuration, FORMATS.md §6), ``save(directory)`` a
 
 Detection is by content, never by a checkpoint's name: `load_tokenizer` looks in a directory for the
 ``hybridctl_tokenizer.json`` marker that every ``save`` writes (``{"kind": ...}``), then ``tokenizer.json``, then
-``tokenizer.model``; a direct file path is recognised by what it holds (JSON marker, tokenizers JSON, or a
-SentencePiece protobuf).
+``tokenizer.model``, then any file that *is* a tokenizer (`find_tokenizer`: a tokenizers JSON by its schema, a
+SentencePiece protobuf by its wire format — the paper's Megatron releases ship ``mt_nlg_plus_…_256k.model``); a
+direct file path is recognised by what it holds (JSON marker, tokenizers JSON, or a SentencePiece protobuf).
 
 Streaming: `StreamDecoder` turns ids arriving one at a time into text, emitting only complete characters (a multi-byte
 UTF-8 character split over several ids comes out once its last byte arrives).
@@ -381,6 +382,80 @@ def _from_file(path: Path) -> Tokenizer:
     return SentencePieceTokenizer(path)
 
 
+# ---- detection by content -----------------------------------------------------------------------------------------
+
+_NOT_TOKENIZERS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".distcp", ".npy", ".idx", ".py", ".txt", ".md")
+_MAX_TOKENIZER_BYTES = 256 << 20
+
+
+def _varint_end(data: bytes, i: int) -> int | None:
+    """Index after the protobuf varint starting at ``data[i]`` (None when truncated or longer than 10 bytes)."""
+    for j in range(i, min(i + 10, len(data))):
+        if data[j] < 0x80:
+            return j + 1
+    return None
+
+
+def tokenizer_file_kind(path: Path) -> str | None:
+    """``"hf"`` for a tokenizers ``tokenizer.json`` (an object whose ``model`` object has a ``vocab``/``type``),
+    ``"sentencepiece"`` for a SentencePiece ModelProto (first field ``pieces``, a message whose first field is the
+    piece string, and loadable by sentencepiece), else None — whatever the file is called."""
+    try:
+        size = path.stat().st_size
+        if not path.is_file() or size == 0 or size > _MAX_TOKENIZER_BYTES:
+            return None
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return None
+    if head.lstrip().startswith(b"{"):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        model = data.get("model") if isinstance(data, dict) else None
+        ok = isinstance(model, dict) and ("vocab" in model or "type" in model) and "added_tokens" in data
+        return "hf" if ok else None
+    end = _varint_end(head, 1) if head[:1] == b"\x0a" else None  # field 1 (pieces), length-delimited
+    if end is None or head[end:end + 1] != b"\x0a":  # SentencePiece.piece, field 1, length-delimited
+        return None
+    try:
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_proto=path.read_bytes())
+        return "sentencepiece" if sp.get_piece_size() > 0 else None
+    except (OSError, RuntimeError, ImportError):
+        return None
+
+
+def find_tokenizer(directory: Path) -> Path | None:
+    """Where the tokenizer of a checkpoint directory is: the directory itself when it holds one under a standard name
+    (``hybridctl_tokenizer.json``, ``tokenizer.json``, ``tokenizer.model``), else the one file in it that is a
+    tokenizer by content (e.g. Megatron releases' ``mt_nlg_plus_multilingual_…_256k.model``); None when there is none.
+    Several candidates: tokenizers JSON before SentencePiece, then by name, and the choice is logged."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    if any((directory / f).is_file() for f in (MARKER_FILE, HF_FILE, SP_FILE)):
+        return directory
+    found: dict[str, list[Path]] = {"hf": [], "sentencepiece": []}
+    for p in sorted(directory.iterdir()):
+        if p.name.startswith(".") or p.suffix.lower() in _NOT_TOKENIZERS or p.name == "config.json":
+            continue
+        kind = tokenizer_file_kind(p)
+        if kind is not None:
+            found[kind].append(p)
+    candidates = found["hf"] + found["sentencepiece"]
+    if not candidates:
+        return None
+    if len(candidates) > 1:
+        log.warning("%s: several tokenizer files (%s); using %s", directory,
+                    ", ".join(p.name for p in candidates), candidates[0].name)
+    else:
+        log.info("%s: tokenizer found by content: %s", directory, candidates[0].name)
+    return candidates[0]
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load the tokenizer stored at ``path``: a directory (checkpoint) or a tokenizer file.
 
@@ -394,7 +469,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                 tok = loader(path / name)
                 log.info("loaded %s from %s", tok.describe(), path)
                 return tok
-        raise HybridctlError(f"no tokenizer in {path}: expected {MARKER_FILE}, {HF_FILE} or {SP_FILE}")
+        found = find_tokenizer(path)
+        if found is not None:
+            return _from_file(found)
+        raise HybridctlError(f"no tokenizer in {path}: expected {MARKER_FILE}, {HF_FILE}, {SP_FILE} or a file that is "
+                             "a tokenizers JSON or a SentencePiece model")
     if path.is_file():
         return _from_file(path)
     raise HybridctlError(f"tokenizer not found: {path}")

@@ -214,3 +214,87 @@ def test_encode_with_bos_requires_a_bos(sp_dir, tmp_path):
     assert tok.bos_id is None and not tok.add_bos
     with pytest.raises(HybridctlError, match="no BOS token"):
         tok.encode("a", add_bos=True)
+
+
+# ---- detection by content (the paper's Megatron releases: mt_nlg_plus_…_256k.model) ----------------------------
+
+ODD_SP_NAME = "mt_nlg_plus_multilingual_ja_zh_the_stack_frac_015_256k.model"
+
+
+def test_tokenizer_files_are_found_by_content(hf_dir, sp_dir, tmp_path, caplog):
+    from hybridctl.tokenizer import find_tokenizer, tokenizer_file_kind
+
+    d = tmp_path / "release"
+    d.mkdir()
+    (d / "config.json").write_text('{"model": {"vocab": 1}, "added_tokens": []}')  # never a tokenizer, by name
+    (d / "latest_checkpointed_iteration.txt").write_text("release")
+    (d / "junk.model").write_bytes(b"\x0a\x05\x0a\x01a" + b"\xff" * 40)  # protobuf-looking, not SentencePiece
+    (d / "other.json").write_text('{"model": "x"}')
+    assert find_tokenizer(d) is None and tokenizer_file_kind(d / "junk.model") is None
+    (d / ODD_SP_NAME).write_bytes((sp_dir / "tokenizer.model").read_bytes())
+    assert tokenizer_file_kind(d / ODD_SP_NAME) == "sentencepiece"
+    assert find_tokenizer(d) == d / ODD_SP_NAME
+    tok = load_tokenizer(d)
+    assert tok.kind == "sentencepiece" and tok.encode(SAMPLE) == load_tokenizer(sp_dir).encode(SAMPLE)
+    # two candidates: the tokenizers JSON wins and the choice is said
+    (d / "vocab_v2.json").write_bytes((hf_dir / "tokenizer.json").read_bytes())
+    with caplog.at_level("WARNING", logger="hybridctl.tokenizer"):
+        assert find_tokenizer(d) == d / "vocab_v2.json"
+    assert f"several tokenizer files ({ODD_SP_NAME}, vocab_v2.json); using vocab_v2.json" in caplog.text.replace(
+        f"vocab_v2.json, {ODD_SP_NAME}", f"{ODD_SP_NAME}, vocab_v2.json")
+    assert load_tokenizer(d).kind == "hf"
+    # a standard name still wins, without a search
+    (d / "tokenizer.model").write_bytes((sp_dir / "tokenizer.model").read_bytes())
+    assert find_tokenizer(d) == d
+
+
+def _odd_named_checkpoints(tmp_path, sp_model: bytes):
+    """A Megatron legacy dir and an HF NemotronH dir written from one tiny model, each carrying only the SentencePiece
+    model under the Megatron releases' name."""
+    from conftest import tiny_config
+
+    from hybridctl.checkpoint.native import save_model
+    from hybridctl.convert import convert
+    from hybridctl.model import build_model, materialize
+
+    cfg = tiny_config(pattern="M*-", vocab_size=384, d_model=64, mamba=dict(d_state=8, headdim=16, ngroups=2),
+                      attention=dict(n_heads=2, n_kv_heads=1, head_dim=32), mlp=dict(hidden_size=64))
+    save_model(materialize(build_model(cfg), "cpu", seed=0), tmp_path / "native", tokenizer=None)
+    dirs = {}
+    for to in ("megatron-legacy", "hf"):
+        out = tmp_path / to
+        res = convert(src=tmp_path / "native", to=to, out=out, progress=False)
+        assert res.tokenizer is None  # the no-tokenizer case is said, not silent
+        (out / ODD_SP_NAME).write_bytes(sp_model)
+        dirs[to] = out
+    return dirs
+
+
+def test_odd_named_sentencepiece_generates_and_converts(sp_dir, tmp_path):
+    """Defect 5: generate on such a directory stopped with "carries no tokenizer"; convert wrote none, silently."""
+    import sentencepiece
+    from typer.testing import CliRunner
+
+    from hybridctl.cli import app
+    from hybridctl.convert import convert
+    from hybridctl.generate import generate
+
+    proto = (sp_dir / "tokenizer.model").read_bytes()  # trained at test time (the sp_dir fixture), 340 pieces
+    sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+    dirs = _odd_named_checkpoints(tmp_path, proto)
+    for to, d in dirs.items():
+        res = generate(d, "quick brown", max_new_tokens=4)
+        assert res.prompt_tokens[0] == len(sp.encode("quick brown"))  # SentencePiece ids, no BOS (no config)
+        assert 0 < len(res.tokens[0]) <= 4 and res.texts[0] == sp.decode(res.tokens[0])
+        out = tmp_path / f"{to}-native"
+        conv = convert(src=d, to="native", out=out, progress=False)
+        assert conv.tokenizer is not None and conv.tokenizer.endswith(ODD_SP_NAME)
+        carried = load_tokenizer(out)
+        assert carried.kind == "sentencepiece" and carried.encode(SAMPLE) == sp.encode(SAMPLE)
+    # the CLI summary says where the tokenizer came from, and says when there is none
+    r = CliRunner().invoke(app, ["convert", str(dirs["hf"]), "--to", "native", "--out", str(tmp_path / "x"),
+                                 "--dry-run"])
+    assert r.exit_code == 0 and ODD_SP_NAME in r.stdout, r.output
+    r = CliRunner().invoke(app, ["convert", str(tmp_path / "native"), "--to", "hf", "--out", str(tmp_path / "y"),
+                                 "--dry-run"])
+    assert r.exit_code == 0 and "none found in the source: none written" in r.stdout, r.output

@@ -197,19 +197,20 @@ def open_hf(path: str | Path, **_: Any) -> Source:
     if c is None:
         raise HybridctlError(f"{where}: no config.json")
     kind = _hf_kind(c, where)
+    # the config first: a model hybridctl cannot run (MoE, ...) is refused by what it is, not by its tensor names
+    if kind == "nemotron_h":
+        cfg, more = from_nemotron(c, where)
+    elif kind == "mamba2":
+        cfg, more = from_mamba2(c, where)
     weights = _open_weights(path)
     notes: list[str] = []
     names = _map_names(weights, kind, where, notes)
     require("embed.weight" in names, where, "the embedding tensor is missing")
-    if kind == "nemotron_h":
-        cfg, more = from_nemotron(c, where)
-        config_tied = bool(c.get("tie_word_embeddings", False))
-    elif kind == "mamba2":
-        cfg, more = from_mamba2(c, where)
-        config_tied = bool(c.get("tie_word_embeddings", False))
-    else:
+    if kind == "mamba_ssm":
         cfg, more = from_mamba_ssm(c, where, weights.spec(names["embed.weight"])[0][0])
         config_tied = bool(c.get("tie_embeddings", True))
+    else:
+        config_tied = bool(c.get("tie_word_embeddings", False))
     notes += more
     tied = _decide_tie(kind, config_tied, names, weights, notes)
     if tied:
@@ -365,6 +366,8 @@ def _write_tokenizer(src: Source, tok: Any, out: Path) -> None:
     if tok.kind == "byte":
         _byte_tokenizer_json(tok, out)
         tok.save(out)  # the hybridctl marker: reading this dir back gives the exact byte tokenizer
+    elif not src.tokenizer_dir.is_dir():  # a tokenizer file found by content under another name
+        tok.save(out)  # as tokenizer.json / tokenizer.model (+ tokenizer_config.json), the names HF loaders read
     else:
         copy_files(src.tokenizer_dir, out, TOKENIZER_FILES)
 
@@ -387,7 +390,9 @@ def write_hf(out: str | Path, src: Source, *, arch: str = "auto", dtype: torch.d
 
     def get(hf_name: str) -> torch.Tensor:
         n = plan.native_names[hf_name]
-        return src.get("embed.weight" if n not in src.specs else n)
+        if n not in src.specs:  # a tied model's NemotronH head: its own tensor (safetensors refuses shared storage)
+            return src.get("embed.weight").clone()
+        return src.get(n)
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_sharded(tmp, plan.specs, get, max_shard_size=max_shard_size, progress=progress)

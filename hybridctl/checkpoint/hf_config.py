@@ -70,8 +70,8 @@ def _nemotron_pattern(c: dict[str, Any], where: str) -> str:
     else:
         raise HybridctlError(f"{where}: config.json has neither layers_block_type nor hybrid_override_pattern")
     if "E" in pattern:
-        raise HybridctlError(f"{where}: MoE layers (layer {pattern.index('E')} is 'moe'/'E') are not supported by "
-                             "hybridctl yet; only Mamba-2, attention and MLP layers convert")
+        raise HybridctlError(f"{where}: MoE models are not yet supported (layer {pattern.index('E')} is 'moe'/'E'); "
+                             "only Mamba-2, attention and MLP layers convert")
     try:
         return parse_pattern(pattern)
     except HybridctlError as e:
@@ -176,7 +176,8 @@ def from_mamba_ssm(c: dict[str, Any], where: str, vocab_rows: int) -> tuple[Mode
         lo, hi = _dt_limit({"time_step_limit": ssm["dt_limit"]})
     a_lo, a_hi = ssm.get("A_init_range", (1, 16))
     mamba = dict(d_state=int(ssm.get("d_state", 128)), headdim=headdim,
-                 ngroups=int(ssm.get("ngroups", 1)), **mamba_size(d, expand * d // headdim, headdim), d_conv=int(ssm.get("d_conv", 4)),
+                 ngroups=int(ssm.get("ngroups", 1)), **mamba_size(d, expand * d // headdim, headdim),
+                 d_conv=int(ssm.get("d_conv", 4)),
                  chunk_size=int(ssm.get("chunk_size", 256)), conv_bias=bool(ssm.get("conv_bias", True)),
                  bias=bool(ssm.get("bias", False)), dt_min=float(ssm.get("dt_min", 1e-3)),
                  dt_max=float(ssm.get("dt_max", 0.1)), dt_init_floor=float(ssm.get("dt_init_floor", 1e-4)),

@@ -119,6 +119,12 @@ def parse_size(size: str | int) -> int:
     return n
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """A library exception as one line of at most ``limit`` characters (its type and its text, whitespace folded)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{'…' if len(text) > limit else ''}"
+
+
 def write_sharded(out_dir: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
                   get: Callable[[str], torch.Tensor], *, max_shard_size: str | int = "5GB",
                   pattern: str = "model{suffix}.safetensors", progress: Callable[[int], None] | None = None,
@@ -144,7 +150,10 @@ def write_sharded(out_dir: Path, specs: dict[str, tuple[tuple[int, ...], torch.d
             shard[name] = t.to(dt).contiguous()
             if progress:
                 progress(1)
-        save_file(shard, str(out_dir / filename), metadata={"format": "pt", **(metadata or {})})
+        try:
+            save_file(shard, str(out_dir / filename), metadata={"format": "pt", **(metadata or {})})
+        except Exception as e:  # noqa: BLE001 - safetensors' messages span lines; the user gets one
+            raise HybridctlError(f"{filename}: safetensors cannot write this shard: {one_line(e)}") from None
         del shard
     if split.is_sharded:
         write_json(out_dir / INDEX_NAME, {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
@@ -228,8 +237,12 @@ def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:
 
 
 def find_tokenizer_dir(*dirs: Path) -> Path | None:
-    """The first of ``dirs`` holding tokenizer files (TOKENIZER_MARKERS), or None."""
-    return next((d for d in dirs if any((d / f).is_file() for f in TOKENIZER_MARKERS)), None)
+    """The tokenizer of the first of ``dirs`` that has one (`hybridctl.tokenizer.find_tokenizer`: the directory when
+    it holds TOKENIZER_MARKERS, else a tokenizer file found there by content), or None. ``load_tokenizer`` takes
+    either form."""
+    from hybridctl.tokenizer import find_tokenizer
+
+    return next((t for d in dirs if (t := find_tokenizer(Path(d))) is not None), None)
 
 
 def carry_tokenizer(tokenizer_dir: Path | None, out: Path) -> str | None:
