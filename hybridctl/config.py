@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -292,7 +293,7 @@ def _from_dict(cls: type, d: dict[str, Any], owner: str) -> Any:
         raise HybridctlError(f"{owner}.{k}: unknown key{hint}")
     hints = typing.get_type_hints(cls)
     for k, v in d.items():
-        if not isinstance(v, dict):
+        if not isinstance(v, dict) or not dataclasses.is_dataclass(hints[k]):
             _check_type(f"{owner}.{k}", v, hints[k])
     return cls(**d)
 
@@ -309,12 +310,15 @@ def _check_type(where: str, value: Any, hint: Any) -> None:
         return
     ok = any(
         (a is bool and isinstance(value, bool))
-        or (a is int and isinstance(value, int) and not isinstance(value, bool))
-        or (a is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (a is int and isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**53)
+        or (a is float and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
         or (a is str and isinstance(value, str))
         or (a is type(None) and value is None)
         for a in allowed)
     if not ok:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise HybridctlError(f"{where}: expected a finite number, got {value!r}")
         names = " or ".join("none" if a is type(None) else a.__name__ for a in allowed)
         raise HybridctlError(f"{where}: expected {names}, got {value!r}")
 

@@ -111,6 +111,17 @@ def _auto_vocab(source: Any, to: str, vocab_size: int | None, notes: list[str]) 
     return None
 
 
+def _check_tokenizer(final: Any) -> None:
+    """The tokenizer carried along must fit the (possibly --vocab-size stripped) embedding: refused before writing."""
+    if final.tokenizer_dir is None:
+        return
+    from hybridctl.checkpoint.io import check_tokenizer_fits
+    from hybridctl.tokenizer import load_tokenizer
+
+    where = f"{final.path}" + (" (--vocab-size)" if "vocab_stripped_from" in final.info else "")
+    check_tokenizer_fits(load_tokenizer(final.tokenizer_dir), final.config.vocab_size, where)
+
+
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
@@ -163,6 +174,7 @@ def convert(*, src: str | Path, to: str, out: str | Path | None, dtype: str | No
         final = strip_vocab(source, vocab_size) if vocab_size is not None else source
         if "vocab_stripped_from" in final.info and to == "native":
             notes.append(f"vocab: {final.info['vocab_stripped_from']} → {vocab_size} rows (padding removed)")
+        _check_tokenizer(final)
         n_tensors = len(final.specs)
         nbytes = specs_nbytes(final.specs, tdtype)
         writer = _megatron_writer(to) if to != "native" else None

@@ -504,6 +504,12 @@ def generate(model_or_path: Any, prompts: str | Sequence[str] | Sequence[Sequenc
     ids = encode_prompts(prompts, tok, add_bos)
     if tok is None and any(stop):
         raise HybridctlError("stop strings need a tokenizer (pass tokenizer=)")
+    bad = [(i, t) for i, row in enumerate(ids) for t in row if not 0 <= t < model.cfg.vocab_size]
+    if bad:
+        i, t = bad[0]
+        size = f"; the tokenizer has {tok.vocab_size} ids" if tok is not None else ""
+        raise HybridctlError(f"prompt {i}: token id {t} is outside the model's vocabulary (0..{model.cfg.vocab_size - 1})"
+                             f"{size}")
     vocab = model.cfg.vocab_size if tok is None else min(model.cfg.vocab_size, tok.vocab_size)
     eos_id = tok.eos_id if (use_eos and tok is not None) else None
     rows = [_Row(tok, eos_id, stop) for _ in ids]

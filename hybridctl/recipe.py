@@ -232,18 +232,18 @@ def _type_ok(value: Any, tp: Any) -> bool:
         return any(_type_ok(value, a) for a in typing.get_args(tp))
     if tp is type(None):
         return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is float:  # finite: inf / nan (TOML has both) would pass every positivity check
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**63 - 1
     return isinstance(value, origin or tp)
 
 
 def _type_name(tp: Any) -> str:
     args = typing.get_args(tp)
     if args:
-        return " or ".join("none" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
-    return getattr(tp, "__name__", str(tp))
+        return " or ".join(_type_name(a) for a in args)
+    return "none" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
 def _build(cls: type, d: Any, owner: str) -> Any:
@@ -256,6 +256,8 @@ def _build(cls: type, d: Any, owner: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[k] = _build(tp, v, path)
         elif not _type_ok(v, tp):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise HybridctlError(f"{path}: expected a finite number, got {v!r}")
             raise HybridctlError(f"{path}: expected {_type_name(tp)}, got {type(v).__name__} {v!r}")
         else:
             kwargs[k] = float(v) if tp is float else v
@@ -330,9 +332,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, init_fr
     if not p.is_file():
         raise HybridctlError(f"{p}: no such recipe file")
     try:
-        raw = tomllib.loads(p.read_text())
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise HybridctlError(f"{p}: invalid TOML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise HybridctlError(f"{p}: not valid UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise HybridctlError(f"{p}: cannot read ({e.strerror or e})") from None
     return resolve_recipe(raw, overrides, init_from=init_from, where=str(p))
 
 

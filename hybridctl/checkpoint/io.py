@@ -245,12 +245,23 @@ def find_tokenizer_dir(*dirs: Path) -> Path | None:
     return next((t for d in dirs if (t := find_tokenizer(Path(d))) is not None), None)
 
 
-def carry_tokenizer(tokenizer_dir: Path | None, out: Path) -> str | None:
-    """Save the tokenizer found in ``tokenizer_dir`` into ``out`` (hybridctl's own files); returns its kind."""
+def check_tokenizer_fits(tok: object, vocab_size: int, where: str) -> None:
+    """A tokenizer whose ids reach past the model's embedding rows is refused wherever the two meet."""
+    n = getattr(tok, "vocab_size", None)
+    if isinstance(n, int) and n > vocab_size:
+        raise HybridctlError(f"{where}: the tokenizer has {n} ids but the model's vocab_size is {vocab_size}; ids "
+                             f">= {vocab_size} would have no embedding row (raise vocab_size, or keep >= {n} rows)")
+
+
+def carry_tokenizer(tokenizer_dir: Path | None, out: Path, vocab_size: int | None = None) -> str | None:
+    """Save the tokenizer found in ``tokenizer_dir`` into ``out`` (hybridctl's own files); returns its kind.
+    vocab_size: the model's rows; a larger tokenizer is refused (check_tokenizer_fits)."""
     if tokenizer_dir is None:
         return None
     from hybridctl.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
+    if vocab_size is not None:
+        check_tokenizer_fits(tok, vocab_size, str(tokenizer_dir))
     tok.save(out)
     return tok.kind

@@ -16,6 +16,7 @@ import torch
 from hybridctl.checkpoint import Source, TensorSpec, check_specs
 from hybridctl.checkpoint.io import find_tokenizer_dir
 from hybridctl.checkpoint.megatron_args import HYBRIDCTL_VOCAB_ARG, config_from_args, unpadded_vocab
+from hybridctl.checkpoint.numbers import check_config_numbers
 from hybridctl.checkpoint.megatron_keys import EXTRA_STATE, Entry, Split, all_entries, layer_kind_of_keys
 from hybridctl.config import HybridctlError
 
@@ -83,6 +84,9 @@ def build_source(fmt: str, path: Path, args: Any, mspecs: dict[str, TensorSpec],
     if "embedding.position_embeddings.weight" in mspecs:
         raise HybridctlError(f"{where}: learned absolute position embeddings are not supported (hybridctl models "
                              "use no position embedding or RoPE)")
+    check_config_numbers(args, f"{where} (args)")
+    if args is not None and getattr(args, "hidden_size", None) is None:
+        raise HybridctlError(f"{where} (args): hidden_size is missing or null")
     pos = getattr(args, "position_embedding_type", None)
     if pos not in (None, "none", "rope"):
         raise HybridctlError(f"{where}: the args say position_embedding_type={pos!r} but the checkpoint holds no "

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from hybridctl.checkpoint import Source, TensorSpec, _read_json, check_specs
-from hybridctl.checkpoint.io import SafetensorsReader, atomic_dir, carry_tokenizer, write_json, write_sharded
+from hybridctl.checkpoint.io import (SafetensorsReader, atomic_dir, carry_tokenizer, check_tokenizer_fits, write_json,
+                                     write_sharded)
 from hybridctl.config import HybridctlError, ModelConfig
 
 FORMAT_NAME = "hybridctl"
@@ -45,6 +46,8 @@ def write_native(out: str | Path, *, config: ModelConfig, specs: dict[str, Tenso
         check_specs(config, specs, "write_native")
     out = Path(out)
     out_specs = {k: (shape, dtype or dt) for k, (shape, dt) in specs.items()}
+    if tokenizer is not None:
+        check_tokenizer_fits(tokenizer, config.vocab_size, "write_native")
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_sharded(tmp, out_specs, get, max_shard_size=max_shard_size, progress=progress)
         kind = None
@@ -52,7 +55,7 @@ def write_native(out: str | Path, *, config: ModelConfig, specs: dict[str, Tenso
             tokenizer.save(tmp)
             kind = getattr(tokenizer, "kind", None)
         else:
-            kind = carry_tokenizer(tokenizer_dir, tmp)
+            kind = carry_tokenizer(tokenizer_dir, tmp, config.vocab_size)
         main_dtype = max(out_specs.values(), key=lambda s: torch.Size(s[0]).numel())[1]
         write_json(tmp / "config.json", {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                                          "dtype": dtype_name(main_dtype), "model": config.to_dict(),
