@@ -153,6 +153,8 @@ def describe() -> dict[str, Any]:
     return {"backend": eff, "requested": _requested, "ssd": "mamba_ssm" if eff == "kernel" else "ref",
             "conv1d": "causal_conv1d" if k.conv1d else "torch conv1d (causal_conv1d not installed)" if eff == "kernel"
             else "ref", "attention": "flash_attn" if k.flash_attn else "sdpa",
+            "attention_documents": "dense mask (reference)" if _requested == "ref" else
+            ("flash_attn varlen" if k.flash_attn_varlen else "FlexAttention") + " on CUDA, per-document SDPA on CPU",
             "decode": "hybridctl triton (batch-1 GEMV, split-KV attention)" if k.triton_ops and _decode_kernels
             else "cuBLAS / sdpa"}
 
@@ -334,7 +336,24 @@ class DocumentLayout:
         return self.seq_idx.shape[1]
 
 
+_doc_kind: str | None = None  # force_document_attention(): one path for every layout built in the block
+
+
+@contextlib.contextmanager
+def force_document_attention(kind: str | None):
+    """Within this block ``document_layout`` builds layouts of ``kind`` (flash | flex | segments | dense; None: the
+    automatic choice), for side-by-side benchmarks."""
+    global _doc_kind
+    before, _doc_kind = _doc_kind, kind
+    try:
+        yield
+    finally:
+        _doc_kind = before
+
+
 def _document_kind(device: torch.device, dtype: torch.dtype) -> str:
+    if _doc_kind is not None:
+        return _doc_kind
     eff = backend()  # also resolves _requested
     if _requested == "ref":
         return "dense"

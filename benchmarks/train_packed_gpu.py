@@ -1,0 +1,213 @@
+"""Packed-document training on the real data path (GPU): hybrid-1.3b at seq 4096, 16K, 32K (and more with --seqs),
+packed rows from the loader (seq_idx: document-aware attention, SSM resets) vs the same tokens one document per row
+(seq_idx None: plain causal attention), side by side in one run; compiled.
+
+    python benchmarks/train_packed_gpu.py                         # on the H200, from the repo root
+    python benchmarks/train_packed_gpu.py --seqs 4096 --kinds flash,flex   # both document paths at 4K
+    python benchmarks/train_packed_gpu.py --tiny                  # CPU smoke run: tiny preset, seq 256 / 512
+    OUT=/some/dir python benchmarks/train_packed_gpu.py           # also writes $OUT/train_packed_gpu.json
+
+Training is hybridctl's own step (hybridctl.train: build_training_model → build_optimizer → train_step) on
+recipes/hybrid-1.3b.toml: fp32 master weights, bf16 autocast, fused AdamW, clipping, ``parallel.compile``. Batches are
+``hybridctl.data.build_loader``'s output on the embedded corpus with the byte tokenizer (the loader's real packing:
+ragged documents, a document continuing into the next row); the unpacked row drops seq_idx from the same batches, so
+both rows do the same work on the same tokens and differ only in the document handling.
+
+Micro-batch / activation checkpointing: the first candidate that ``hybridctl.model.check_training_memory`` (the
+pre-flight estimate of `hybridctl train`) accepts for the device; an out-of-memory candidate is skipped and reported.
+Columns: tokens/s (median step), MFU = flops_per_token(cfg, seq)["training"] × tokens/s / peak (989 TFLOP/s dense
+bf16, --peak-tflops), peak memory (torch.cuda.max_memory_allocated) next to the estimate, and attention's share of
+the step: the profiler's device time of attention kernels (names with flash / flex_attention / fmha / attention;
+on CPU the attention ops' self time) over all kernels of one profiled step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from hybridctl import kernels  # noqa: E402
+from hybridctl.config import HybridctlError  # noqa: E402
+from hybridctl.data import build_loader  # noqa: E402
+from hybridctl.model import check_training_memory, flops_per_token, param_counts  # noqa: E402
+from hybridctl.parallel import DistInfo  # noqa: E402
+from hybridctl.recipe import load_recipe  # noqa: E402
+from hybridctl.tokenizer import build_tokenizer  # noqa: E402
+from hybridctl.train import build_optimizer, build_training_model, device_memory, train_step  # noqa: E402
+
+# (micro_batch, activation_checkpointing) in order of preference per sequence length (tokens per micro-batch)
+CANDIDATES = [(8, False), (4, False), (8, True), (2, False), (4, True), (1, False), (2, True), (1, True)]
+ATTENTION_KERNELS = ("flash", "flex_attention", "fmha", "attention")
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _batches(seq: int, micro: int, n: int) -> list[dict[str, torch.Tensor]]:
+    loader = build_loader(source="builtin", tokenizer=build_tokenizer("byte"), seq_len=seq, batch_size=micro, seed=0)
+    return list(itertools.islice(loader, n))
+
+
+def _attention_share(step, dev: torch.device) -> float | None:
+    """Attention kernels' device time (CPU: attention ops' self time) over all of one profiled step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        _sync(dev)
+    total = attn = 0.0
+    for ev in prof.key_averages():
+        t = ev.self_device_time_total if dev.type == "cuda" else ev.self_cpu_time_total
+        if dev.type == "cuda" and ev.device_type.name != "CUDA":
+            continue
+        total += t
+        if any(s in ev.key.lower() for s in ATTENTION_KERNELS):
+            attn += t
+    return attn / total if total else None
+
+
+def _recipe(args, seq: int, micro: int, ac: bool):
+    name = "tiny" if args.tiny else args.model
+    sets = [f"data.seq_len={seq}", f"optim.micro_batch={micro}", f"optim.global_batch={micro}",
+            f"parallel.activation_checkpointing={str(ac).lower()}", f"parallel.compile={str(args.compile).lower()}",
+            f"precision.dtype={'float32' if args.tiny else 'bfloat16'}"]
+    return load_recipe(ROOT / "recipes" / f"{name}.toml", sets)
+
+
+def bench(args, seq: int, packed: bool, kind: str | None, dev: torch.device) -> dict:
+    """One row: the first (micro-batch, checkpointing) that the estimate admits and that runs."""
+    label = f"{'tiny' if args.tiny else args.model} T={seq} " + (f"packed ({kind or 'auto'})" if packed else "unpacked")
+    capacity, dev_name = device_memory(dev)
+    skipped = []
+    for micro, ac in CANDIDATES:
+        recipe = _recipe(args, seq, micro, ac)
+        cfg = recipe.model_config()
+        try:
+            est = check_training_memory(cfg, seq_len=seq, micro_batch=micro, activation_checkpointing=ac,
+                                        world_size=1, compute_bytes=4 if args.tiny else 2,
+                                        capacity_bytes=capacity, device_name=dev_name)
+        except HybridctlError:
+            skipped.append(f"mb{micro}{'+ac' if ac else ''}: estimate too large")
+            continue
+        model = opt = None
+        try:
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(dev)
+            model, no_decay = build_training_model(cfg, recipe, None, DistInfo(0, 1, dev))
+            opt = build_optimizer(model, no_decay, recipe, dev)
+            batches = _batches(seq, micro, 2)
+            docs = sum(int(b["seq_idx"][:, -1].sum()) + micro for b in batches) / 2  # documents per batch
+            if not packed:  # the same tokens, one document per row
+                batches = [{**b, "seq_idx": None} for b in batches]
+            info = DistInfo(0, 1, dev)
+            with kernels.force_document_attention(kind):
+                t0 = time.perf_counter()
+                for i in range(args.warmup):
+                    train_step(model, opt, [batches[i % 2]], recipe, info)
+                _sync(dev)
+                warm_s = time.perf_counter() - t0
+                times = []
+                for i in range(args.steps):
+                    t = time.perf_counter()
+                    train_step(model, opt, [batches[i % 2]], recipe, info)
+                    _sync(dev)
+                    times.append(time.perf_counter() - t)
+                share = _attention_share(lambda: train_step(model, opt, [batches[0]], recipe, info), dev)
+        except torch.cuda.OutOfMemoryError:
+            skipped.append(f"mb{micro}{'+ac' if ac else ''}: OOM")
+            del model, opt
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        s = statistics.median(times)
+        tps = micro * seq / s
+        flops = flops_per_token(cfg, seq)["training"]
+        mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+        del model, opt
+        gc.collect()
+        return dict(row=label, seq_len=seq, packed=packed, attention_kind=kind, micro_batch=micro,
+                    activation_checkpointing=ac, compile=args.compile, documents_per_row=docs / micro,
+                    step_s=s, step_s_all=times, tokens_per_s=tps, mfu=flops * tps / args.peak, flops_per_token=flops,
+                    params=sum(param_counts(cfg).values()), max_memory_gib=mem,
+                    estimate_gib=est["total"] / 2**30, attention_share=share, warmup_s=warm_s, skipped=skipped)
+    return dict(row=label, seq_len=seq, packed=packed, error="no configuration fits", skipped=skipped)
+
+
+def _table(rows: list[dict]) -> str:
+    head = f"{'row':<34}{'mb':>3}{'ac':>3}{'docs/row':>9}{'step s':>8}{'tok/s':>10}{'MFU':>7}{'mem GiB':>8}" \
+           f"{'est GiB':>8}{'attn':>6}"
+    lines = [head]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['row']:<34} {r['error']} ({'; '.join(r['skipped'])})")
+            continue
+        mem = f"{r['max_memory_gib']:>8.1f}" if r["max_memory_gib"] is not None else f"{'-':>8}"
+        share = f"{r['attention_share']:>6.1%}" if r["attention_share"] is not None else f"{'-':>6}"
+        lines.append(f"{r['row']:<34}{r['micro_batch']:>3}{'y' if r['activation_checkpointing'] else 'n':>3}"
+                     f"{r['documents_per_row']:>9.1f}{r['step_s']:>8.3f}{r['tokens_per_s']:>10,.0f}{r['mfu']:>7.1%}"
+                     f"{mem}{r['estimate_gib']:>8.1f}{share}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="hybrid-1.3b", help="recipe under recipes/")
+    ap.add_argument("--seqs", default="4096,16384,32768", help="comma-separated sequence lengths")
+    ap.add_argument("--kinds", default="auto", help="document paths for the packed rows: auto,flash,flex,segments")
+    ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps per row")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile each block (default: on, off with --tiny)")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: the tiny recipe at seq 256 and 512, fp32")
+    args = ap.parse_args()
+    args.compile = (not args.tiny) if args.compile is None else args.compile
+    args.peak = args.peak_tflops * 1e12
+    if args.tiny:
+        dev, seqs = torch.device("cpu"), [256, 512] if args.seqs == ap.get_default("seqs") else \
+            [int(s) for s in args.seqs.split(",")]
+        args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
+        kernels.set_backend("auto")
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("train_packed_gpu.py needs a CUDA GPU (or --tiny for the CPU smoke run)")
+        dev, seqs = torch.device("cuda"), [int(s) for s in args.seqs.split(",")]
+        kernels.set_backend("kernel")  # raises with the reason if mamba_ssm's kernels are missing
+        torch.backends.cuda.matmul.allow_tf32 = True
+    kinds = [None if k == "auto" else k for k in args.kinds.split(",")]
+    t0, rows = time.perf_counter(), []
+    for seq in seqs:
+        for packed, kind in [(False, None)] + [(True, k) for k in kinds]:
+            rows.append(bench(args, seq, packed, kind, dev))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "step_s_all"}), flush=True)
+    result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+              "torch": torch.__version__, "backend": kernels.describe(), "peak_tflops": args.peak_tflops,
+              "command": " ".join(sys.argv), "rows": rows, "wall_s": time.perf_counter() - t0}
+    if os.environ.get("OUT"):
+        path = Path(os.environ["OUT"]) / "train_packed_gpu.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+    print(f"device: {result['device']}   torch {torch.__version__}   backend: {kernels.describe()}")
+    print(_table(rows))
+    if any("error" in r for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
