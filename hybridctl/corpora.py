@@ -1,6 +1,6 @@
 """Corpora: the documents of a data source, in a seeded order, filtered to one split. `hybridctl.data` packs them.
 
-Sources (a string or a list of strings; the synthetic tasks ``"phonebook"`` and ``"copy"`` are made in data.py):
+Sources (a string or a list of strings; the synthetic tasks ``"phonebook"`` and ``"copy"`` are made in tasks.py):
   ``"builtin"``    the embedded corpus: CPython's ``pydoc_data.topics`` help texts, one document per topic (sorted).
   a file, a directory (every non-hidden file below it), or a glob — each file recognised by content: zstd magic
                    ``28 B5 2F FD`` → decompressed as a stream; a first non-blank line holding a JSON object → JSONL

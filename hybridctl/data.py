@@ -51,7 +51,7 @@ import torch
 from hybridctl.config import HybridctlError
 from hybridctl.corpora import SPLITS, TASKS, open_corpus
 from hybridctl.recipe import at_least
-from hybridctl.tasks import TokenDoc, make_task  # noqa: F401 - TokenDoc: the packed unit (re-exported)
+from hybridctl.tasks import TokenDoc, make_task  # TokenDoc: the unit packing works on
 from hybridctl.tokenizer import Tokenizer  # same layer: the one tokenizer interface
 
 log = logging.getLogger(__name__)

@@ -49,7 +49,8 @@ def test_to_nemotron_h_is_the_tested_export(bench_path):
     common = load("generate_common.py")
     cfg = tiny_config(pattern="M*-M-", vocab_size=260, d_model=64, tie_embeddings=True,
                       mamba=dict(d_state=8, headdim=8, ngroups=4, chunk_size=16),
-                      attention=dict(n_heads=2, n_kv_heads=1, head_dim=40), mlp=dict(hidden_size=80, activation="relu2"))
+                      attention=dict(n_heads=2, n_kv_heads=1, head_dim=40),
+                      mlp=dict(hidden_size=80, activation="relu2"))
     model = materialize(build_model(cfg), "cpu", seed=0).eval()
     hf = common.to_nemotron_h(model)
     assert isinstance(hf, transformers.NemotronHForCausalLM) and hf.config.max_position_embeddings == 1 << 20

@@ -20,7 +20,8 @@ CLI_ONLY = {"json_", "verbose", "set_", "init_from", "prompt", "prompt_file"}  #
 
 
 def defaults(fn) -> dict:
-    return {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.default is not inspect.Parameter.empty}
+    params = inspect.signature(fn).parameters.items()
+    return {n: p.default for n, p in params if p.default is not inspect.Parameter.empty}
 
 
 def entry(path: str):

@@ -104,13 +104,13 @@ def test_greedy_forward_matches_generate():
     from hybridctl.generate import generate
 
     model = materialize(build_model(tiny_config()), "cpu", seed=0).eval()
-    exs = copy_examples(TOK, 24, n=2) + needle_examples(TOK, 120, n=1)
+    exs = copy_examples(TOK, 16, n=2, seed=4)
     fn = greedy_forward(model)
-    got = fn([e.prompt for e in exs], 6)
-    want = generate(model, [e.prompt for e in exs], max_new_tokens=6, use_eos=False).tokens
-    assert got == want
-    res = exact_match(exs, greedy_forward(model, vocab_size=TOK.vocab_size, eos_id=TOK.eos_id), TOK)
-    assert res.examples == 3 and 0.0 <= res.accuracy <= 1.0 and all("output" in r for r in res.records)
+    got = fn([e.prompt for e in exs], 4)
+    assert got == generate(model, [e.prompt for e in exs], max_new_tokens=4, use_eos=False).tokens
+    res = exact_match(exs, greedy_forward(model, vocab_size=TOK.vocab_size, eos_id=TOK.eos_id), TOK,
+                      max_new_tokens=3)
+    assert res.examples == 2 and res.accuracy == 0.0 and all(len(r["output"]) <= 3 for r in res.records)
 
 
 class _PositionLM(torch.nn.Module):
@@ -148,7 +148,7 @@ def test_perplexity_by_position_analytic():
 def test_perplexity_by_position_matches_a_plain_loop():
     model = materialize(build_model(tiny_config()), "cpu", seed=1).double().eval()
     g = torch.Generator().manual_seed(0)
-    stream = torch.randint(0, 256, (150,), generator=g)
+    stream = torch.randint(0, 256, (100,), generator=g)
     window, stride = 32, 20
     rows = perplexity_by_position(model, stream, window=window, stride=stride, batch_size=3)
     sums, counts = [0.0] * 6, [0] * 6
