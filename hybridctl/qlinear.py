@@ -13,7 +13,7 @@ swapped (``apply_quantization``). The layout is portable: the CPU int4 kernel's 
 
 Kernels: on CPU, PyTorch's weight-only ops (``aten._weight_int8pack_mm``; ``aten._weight_int4pack_mm_for_cpu`` on
 the ``aten._convert_weight_to_int4pack_for_cpu`` copy, which dequantizes ``(u - 8) · scale + zero`` with u in
-[0, 15]: our q + 8, zero 0); elsewhere (and where an op's shape rules fail: int4 needs N % 16 == 0) the twin.
+[0, 15]: our q + 8, zero 0); elsewhere, above KERNEL_MAX_ROWS rows, and where an op's shape rules fail (int4 needs N % 16 == 0), the twin.
 Every kernel has a pure-PyTorch dequantize-then-matmul twin with the same signature (``*_mm_ref``), the oracle of
 the tests.
 
@@ -43,6 +43,7 @@ from hybridctl.config import HybridctlError
 Tensor = torch.Tensor
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
+KERNEL_MAX_ROWS = 16  # more rows than this: dequantize-then-matmul (the ops are slow at large M on CPU)
 _EPS = 1e-12
 
 
@@ -159,7 +160,8 @@ class _QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features)
-        y = self._mm(flat) if self.use_kernel else self._mm_ref(flat)
+        # the weight-only ops are matrix-vector kernels: many rows (prefill, evaluation) dequantize into one GEMM
+        y = self._mm(flat) if self.use_kernel and flat.shape[0] <= KERNEL_MAX_ROWS else self._mm_ref(flat)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)

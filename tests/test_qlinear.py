@@ -71,7 +71,8 @@ def test_module_kernel_path_equals_twin_path_any_leading_shape(method, out_featu
     lin = nn.Linear(128, out_features, bias=True)
     m = Q.from_linear(lin, method, 32)
     assert type(m) is not nn.Linear and not hasattr(m, "weight")
-    x = torch.randn(2, 7, 128)
+    x = torch.randn(2, 7, 128)  # 14 rows: the kernel path (<= KERNEL_MAX_ROWS)
+    assert x.shape[0] * x.shape[1] <= Q.KERNEL_MAX_ROWS
     y = m(x)
     m.use_kernel = False
     torch.testing.assert_close(y, m(x), atol=1e-4, rtol=1e-4)
