@@ -294,10 +294,11 @@ def cpu_fast_twin(model, *, matvec: bool = False):
             for name, child in list(parent.named_children()):
                 if type(child) is torch.nn.Linear:
                     setattr(parent, name, _PackedLinear(child.weight, child.bias))
-        head = _PackedLinear(model.embed.weight if model.lm_head is None else model.lm_head.weight, None)
-        twin.packed_head = head
         twin.compiled_matvec = False
-        object.__setattr__(twin, "logits", head)  # shadows HybridLM.logits (h [..., D] → logits) on this twin only
+        if model.lm_head is None or type(model.lm_head) is torch.nn.Linear:  # a quantized head runs as it is
+            head = _PackedLinear(model.embed.weight if model.lm_head is None else model.lm_head.weight, None)
+            twin.packed_head = head
+            object.__setattr__(twin, "logits", head)  # shadows HybridLM.logits (h [..., D] → logits) on this twin
         _twins[model] = (key, twin)
     if matvec and not twin.compiled_matvec:
         big = [m for m in twin.modules() if isinstance(m, _PackedLinear) and m.big]

@@ -114,6 +114,8 @@ class HybridLM(nn.Module):
         return self.norm_f(x)
 
     def logits(self, h: Tensor) -> Tensor:
+        if self.lm_head is not None and type(self.lm_head) is not nn.Linear:  # a quantized head (qlinear.py)
+            return self.lm_head(h)
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, w)
 
@@ -145,7 +147,7 @@ class HybridLM(nn.Module):
         """Final norm and LM head: hidden states [..., D] → logits [..., V] (one GEMV kernel at batch 1 on CUDA, see
         ``kernels.linear``). A twin that replaces ``logits`` on the instance (the CPU fast path's prepacked head)
         gets its own product called."""
-        if "logits" in vars(self):
+        if "logits" in vars(self) or (self.lm_head is not None and type(self.lm_head) is not nn.Linear):
             return self.logits(self.norm_f(x))
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return kernels.linear(x, w, norm_weight=self.norm_f.weight, norm_eps=self.norm_f.eps)

@@ -114,25 +114,21 @@ def open_checkpoint(path: str | Path, **options: Any) -> Source:
     return open_megatron(Path(path), **options)
 
 
-def integer_tensors(config: ModelConfig) -> frozenset[str]:
-    """Names whose stored dtype may be an integer type. Empty today; quantized checkpoints declare theirs here."""
-    return frozenset(getattr(config, "integer_tensors", ()) or ())
-
-
-def check_specs(config: ModelConfig, specs: dict[str, TensorSpec], where: str) -> None:
-    """Strict comparison of a tensor plan with the model the config describes (names, shapes and dtypes): one clear
-    error on any mismatch. A weight stored as an integer or bool is refused unless the config declares it
-    (``integer_tensors``)."""
-    from hybridctl.model import build_model
-
-    sd = build_model(config).state_dict()
-    ints = integer_tensors(config)
-    for k, v in sd.items():
+def check_specs(config: ModelConfig, specs: dict[str, TensorSpec], where: str,
+                quantization: dict[str, Any] | None = None) -> None:
+    """Strict comparison of a tensor plan with the model the config describes (with the module swaps of a
+    config.json ``quantization`` section, qlinear.apply_quantization): names, shapes and dtype kinds, one clear
+    error on any mismatch. A weight stored as an integer or bool is refused unless the (quantized) model holds an
+    integer tensor there."""
+    meta = _meta_model(config, quantization).state_dict()
+    for k, v in meta.items():
         dt = specs[k][1] if k in specs else None
-        if dt is not None and v.dtype.is_floating_point and not dt.is_floating_point and k not in ints:
-            raise HybridctlError(f"{where}: {k} is stored as {str(dt).removeprefix('torch.')}, the model needs a "
-                                 "floating-point weight")
-    expected = {k: tuple(v.shape) for k, v in sd.items()}
+        if dt is not None and v.dtype.is_floating_point != dt.is_floating_point:
+            need = ("a floating-point" if v.dtype.is_floating_point
+                    else f"an integer ({str(v.dtype).removeprefix('torch.')})")
+            raise HybridctlError(f"{where}: {k} is stored as {str(dt).removeprefix('torch.')}, the model needs "
+                                 f"{need} tensor")
+    expected = {k: tuple(v.shape) for k, v in meta.items()}
     missing = [k for k in expected if k not in specs]
     unexpected = [k for k in specs if k not in expected]
     if missing:
@@ -144,12 +140,26 @@ def check_specs(config: ModelConfig, specs: dict[str, TensorSpec], where: str) -
     for k, shape in expected.items():
         if tuple(specs[k][0]) != shape:
             raise HybridctlError(f"{where}: {k} has shape {tuple(specs[k][0])}, the config implies {shape}")
+        if not meta[k].dtype.is_floating_point and specs[k][1] != meta[k].dtype:  # quantized weights
+            raise HybridctlError(f"{where}: {k} is stored as {specs[k][1]}, the quantization section implies "
+                                 f"{meta[k].dtype}")
+
+
+def _meta_model(config: ModelConfig, quantization: dict[str, Any] | None):
+    from hybridctl.model import build_model
+
+    model = build_model(config)
+    if quantization is not None:
+        from hybridctl.qlinear import apply_quantization
+
+        apply_quantization(model, quantization, "config.json quantization")
+    return model
 
 
 def ensure_valid(src: Source) -> Source:
     """check_specs once per Source: a no-op when the reader (or an earlier caller) already validated it."""
     if not src.validated:
-        check_specs(src.config, src.specs, str(src.path))
+        check_specs(src.config, src.specs, str(src.path), src.info.get("quantization"))
         src.validated = True
     return src
 
@@ -158,15 +168,17 @@ def load_model(path: str | Path | Source, *, device: str | torch.device = "cpu",
                **options: Any):
     """Load any readable checkpoint into a HybridLM: build on meta → check the plan strictly → load with assign.
 
-    Returns (model in eval mode, source). dtype defaults to the checkpoint's stored dtype.
+    Returns (model in eval mode, source). dtype defaults to the checkpoint's stored dtype. A quantized checkpoint
+    (config.json ``quantization``) gets its module swaps on meta; its integer tensors keep their stored dtype.
     """
-    from hybridctl.model import build_model
-
     src = path if isinstance(path, Source) else open_checkpoint(path, **options)
     ensure_valid(src)
-    dtype = dtype or src.dtype
-    model = build_model(src.config)
-    sd = {name: src.get(name).to(device=device, dtype=dtype) for name in src.specs}
+    quant = src.info.get("quantization")
+    floats = {n: s for n, s in src.specs.items() if s[1].is_floating_point}
+    dtype = dtype or (src.dtype if quant is None else max(floats.values(), key=lambda s: _numel(s[0]))[1])
+    model = _meta_model(src.config, quant)
+    sd = {name: src.get(name).to(device=device, dtype=dtype if name in floats or quant is None else None)
+          for name in src.specs}
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval(), src
 

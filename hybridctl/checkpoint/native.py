@@ -86,7 +86,7 @@ def open_native(path: Path) -> Source:
     config = ModelConfig.from_dict(meta["model"])
     reader = SafetensorsReader(path)
     specs = {k: reader.spec(k) for k in reader.keys()}
-    check_specs(config, specs, str(path))
+    check_specs(config, specs, str(path), meta.get("quantization"))
     tok_dir = path if meta.get("tokenizer") else None
     return Source("native", path, config, specs, reader.get, tokenizer_dir=tok_dir,
                   info={k: v for k, v in meta.items() if k not in ("model",)}, validated=True)
