@@ -31,7 +31,7 @@ from hybridctl.checkpoint import Source, TensorSpec
 from hybridctl.checkpoint.io import atomic_dir, carry_tokenizer, write_json
 from hybridctl.checkpoint.megatron_args import args_from_config, padded_vocab
 from hybridctl.checkpoint.megatron_keys import (
-    Entry, Split, all_entries, dist_keys, dist_merge, dist_split, extra_state_keys,
+    Entry, Split, all_entries, dist_keys, dist_merge, dist_split, extra_state_keys, head_extra_state_keys,
 )
 from hybridctl.checkpoint.megatron_source import build_source, is_weight_key
 from hybridctl.checkpoint.safe_pickle import SafeFileSystemReader, safe_torch_load
@@ -214,8 +214,8 @@ def write_megatron_dist(out: str | Path, src: Source, *, overwrite: bool = False
     Layout: ``out/latest_checkpointed_iteration.txt`` = ``release`` and ``out/release/`` with ``metadata.json``,
     ``common.pt`` (args, iteration, checkpoint_version), DCP ``.metadata`` + ``__0_0.distcp`` holding the tensors
     under Megatron keys with global shapes (Mamba fused tensors split per component), the same common state as the
-    ``common_state/shard_0_1`` object (megatron-core 0.19) and ``[None]`` for every Transformer Engine
-    ``_extra_state``. The vocab is padded to a multiple of 128 (Megatron's default at TP 1; at TP k Megatron must
+    ``common_state/shard_0_1`` object (megatron-core 0.19) and ``[None]`` for every ``_extra_state`` a
+    megatron-core HybridModel (TE or local spec) may ask for at default strictness, ``output_layer``'s included. The vocab is padded to a multiple of 128 (Megatron's default at TP 1; at TP k Megatron must
     compute the same padded size, e.g. ``--make-vocab-size-divisible-by`` 128/k).
     """
     cfg = src.config
@@ -230,9 +230,8 @@ def write_megatron_dist(out: str | Path, src: Source, *, overwrite: bool = False
     for e in entries:
         for k, part in dist_split(e, torch.empty(e.shape, dtype=_stored_dtype(src, e), device="meta")).items():
             state[k] = torch.empty(part.shape, dtype=part.dtype, device="meta")
-    for i in range(cfg.n_layers):
-        for k in extra_state_keys(cfg, i):
-            state[f"{k}/shard_0_1"] = [None]
+    for k in [k for i in range(cfg.n_layers) for k in extra_state_keys(cfg, i)] + head_extra_state_keys():
+        state[f"{k}/shard_0_1"] = [None]
     state[COMMON_KEY] = [common]
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:

@@ -254,12 +254,20 @@ def all_entries(cfg: ModelConfig, padded_vocab: int, style: str = "current") -> 
 
 
 def extra_state_keys(cfg: ModelConfig, i: int) -> list[str]:
-    """Transformer Engine modules of layer i whose ``_extra_state`` a TE model asks for on load."""
+    """Modules of layer i whose ``_extra_state`` a megatron-core HybridModel may ask for on a strict load: every
+    linear (local ``ColumnParallelLinear`` / ``RowParallelLinear`` and their Transformer Engine twins), TE's core
+    attention and TE norms (the Mamba gated norm). A superset: entries a spec does not ask for are ignored."""
     p = f"decoder.layers.{i}."
-    mods = {MAMBA: ["mixer.in_proj", "mixer.out_proj"],
+    mods = {MAMBA: ["mixer.in_proj", "mixer.out_proj", "mixer.norm"],
             ATTENTION: ["self_attention.linear_qkv", "self_attention.linear_proj", "self_attention.core_attention"],
             MLP: ["mlp.linear_fc1", "mlp.linear_fc2"]}[cfg.pattern[i]]
     return [f"{p}{m}.{EXTRA_STATE}" for m in mods]
+
+
+def head_extra_state_keys() -> list[str]:
+    """The final norm (a TE norm in the TE spec) and the output layer (present even when tied: its weight is then
+    the embedding, but the module and its extra state exist on the last pipeline stage)."""
+    return [f"decoder.final_norm.{EXTRA_STATE}", f"output_layer.{EXTRA_STATE}"]
 
 
 def layer_kind_of_keys(keys: list[str]) -> str | None:

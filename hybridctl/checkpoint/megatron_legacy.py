@@ -161,6 +161,7 @@ def _stage_entries(cfg, stage: int, pp: int, padded: int, style: str) -> tuple[l
         extra += extra_state_keys(cfg, i)
     if stage == pp - 1:
         entries += head_entries(cfg, padded, tied_copy=pp > 1)
+        extra.append(f"output_layer.{EXTRA_STATE}")  # megatron-core's ColumnParallelLinear has extra state, tied too
     return entries, extra, lo
 
 

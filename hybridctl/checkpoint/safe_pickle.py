@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint import metadata as dcp_meta
+from torch.distributed.checkpoint import planner as dcp_planner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from hybridctl.config import HybridctlError
@@ -184,6 +185,12 @@ def _metadata_allowlist() -> dict[str, Any]:
     allowed: dict[str, Any] = {f"torch.distributed.checkpoint.metadata.{n}": getattr(dcp_meta, n) for n in (
         "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
         "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")}
+    # megatron-core 0.19 also pickles the (cached) save plan: plain dataclasses and one Enum. Unpickling builds them
+    # with ``cls.__new__`` + a __dict__ update (dataclasses) or an Enum value lookup; none defines __reduce__ /
+    # __setstate__, so nothing but these constructors can run.
+    for n in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData"):
+        if hasattr(dcp_planner, n):
+            allowed[f"torch.distributed.checkpoint.planner.{n}"] = getattr(dcp_planner, n)
     allowed["torch.distributed.checkpoint.filesystem._StorageInfo"] = _StorageInfo
     allowed["torch.Size"] = torch.Size
     allowed["torch.serialization._get_layout"] = torch.serialization._get_layout
