@@ -157,3 +157,24 @@ def test_nheads_override_on_a_preset():
 def test_mamba_size_canonical_form():
     assert mamba_size(3072, 112, 64) == {"expand": None, "nheads": 112}
     assert mamba_size(64, 8, 16) == {"expand": 2, "nheads": None}
+
+
+@pytest.mark.parametrize("to, kw", [("native", {}), ("hf", {}), ("megatron", {}), ("megatron-legacy", {"tp": 2})])
+def test_nheads_threads_through_every_writer_and_reader(tmp_path, to, kw):
+    """A Nemotron-H-4B-like mixer (d_inner/d_model = 2.33) written by each writer reads back with the same heads and
+    tensors (Megatron: args.mamba_num_heads; HF: mamba_num_heads / mamba_head_dim)."""
+    import torch
+    from conftest import tiny_config
+
+    from hybridctl.checkpoint import open_checkpoint
+    from hybridctl.checkpoint.native import save_model
+    from hybridctl.convert import convert
+    from hybridctl.model import build_model, materialize
+
+    cfg = tiny_config(pattern="M*-", d_model=96, mamba=dict(d_state=8, headdim=16, ngroups=2, nheads=14),
+                      attention=dict(n_heads=4, n_kv_heads=2, head_dim=32), mlp=dict(hidden_size=128))
+    save_model(materialize(build_model(cfg), "cpu", seed=0), tmp_path / "n", tokenizer=None)
+    convert(src=tmp_path / "n", to=to, out=tmp_path / to, progress=False, **kw)
+    a, b = open_checkpoint(tmp_path / "n"), open_checkpoint(tmp_path / to)
+    assert (b.config.d_inner, b.config.mamba.nheads, b.config.mamba.expand) == (224, 14, None)
+    assert all(torch.equal(a.get(k), b.get(k)) for k in a.specs)

@@ -273,3 +273,19 @@ def test_moe_nemotron_h_is_refused_in_one_line(tmp_path):
         assert r.exit_code == 1 and not (tmp_path / "x").exists()
         line = r.stderr if hasattr(r, "stderr") and r.stderr else r.output
         assert "not yet supported" in line and len(line.strip().splitlines()) == 1, line
+
+
+def test_mamba2_export_refuses_heads_that_are_no_multiple_of_hidden(tmp_path):
+    """transformers' Mamba2 sizes its mixer as expand*hidden_size: a Nemotron-H-4B-like mixer (d_inner/h = 2.33)
+    cannot be written as Mamba2ForCausalLM, and says so in one line instead of writing a model that will not load."""
+    from conftest import tiny_config
+
+    from hybridctl.checkpoint.native import save_model
+    from hybridctl.model import build_model, materialize
+
+    cfg = tiny_config(pattern="MM", d_model=96, mamba=dict(d_state=8, headdim=16, ngroups=2, nheads=14))
+    assert cfg.d_inner == 224
+    save_model(materialize(build_model(cfg), "cpu", seed=0), tmp_path / "native", tokenizer=None)
+    r = CliRunner().invoke(app, ["convert", str(tmp_path / "native"), "--to", "hf", "--out", str(tmp_path / "hf")])
+    assert r.exit_code == 1 and not (tmp_path / "hf").exists()
+    assert "cannot export to mamba2" in r.output and "--hf-arch nemotron_h" in r.output
