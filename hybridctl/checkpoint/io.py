@@ -59,6 +59,9 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
                 out.rmdir()
             else:
                 raise HybridctlError(f"{out}: already exists (choose another --out, or remove it)")
+        blocking = next((p for p in (out.parent, *out.parent.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise HybridctlError(f"{blocking}: is a file, but {out} needs it to be a directory")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as e:
