@@ -132,11 +132,9 @@ def _flush_held_logs() -> None:
 
 @contextlib.contextmanager
 def _quiet_libraries() -> Any:
-    """Library warnings filtered; progress bars only on a terminal (TQDM_DISABLE otherwise); C++ logs errors only."""
-    saved = {k: os.environ.get(k) for k in ("TQDM_DISABLE", "TORCH_CPP_LOG_LEVEL")}
+    """Library warnings filtered (unless --verbose); C++ logs errors only. (Progress bars show only on a terminal.)"""
+    saved = {k: os.environ.get(k) for k in ("TORCH_CPP_LOG_LEVEL",)}
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    if not sys.stderr.isatty():
-        os.environ["TQDM_DISABLE"] = "1"
     try:
         with warnings.catch_warnings():
             if not logging.getLogger().isEnabledFor(logging.INFO):

@@ -125,7 +125,9 @@ def _check_tokenizer(final: Any) -> None:
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, disable=not enabled, leave=False)
+    # only on a terminal: bar residue would otherwise precede an error line in a log
+    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, disable=not enabled or not sys.stderr.isatty(),
+                leave=False)
 
 
 def _megatron_writer(to: str):

@@ -311,6 +311,9 @@ def resolve_recipe(raw: dict[str, Any], overrides: list[str] | None = None, *, i
         if not isinstance(m.get("config"), dict):
             raise HybridctlError("model.config: expected a table of ModelConfig fields")
         _check_keys(ModelConfig, m["config"], "model.config")
+        for k in ("preset", "pattern"):
+            if m.get(k) is not None and not isinstance(m[k], str):
+                raise HybridctlError(f"model.{k}: expected str, got {type(m[k]).__name__} {m[k]!r}")
         cfg = preset_dict(m.get("preset") or "tiny")
         if m.get("pattern"):
             cfg["pattern"] = parse_pattern(m["pattern"])

@@ -390,7 +390,7 @@ def _loop(model, optimizer, loader, tok, recipe: Recipe, info: parallel.DistInfo
     step_tokens = o.global_batch * seq
     flops = flops_per_token(model.cfg, seq)["training"]
     peak = _peak_flops(recipe, info.device)
-    show = info.is_main and (recipe.logging.progress if progress is None else progress)
+    show = info.is_main and (recipe.logging.progress if progress is None else progress) and sys.stderr.isatty()
     bar = tqdm(total=total, initial=min(res.steps, total), disable=not show, file=sys.stderr, desc="train",
                unit="step", dynamic_ncols=True)
     metrics = _Metrics(run_dir / "metrics.jsonl", info.is_main)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from hybridctl.checkpoint import Source, TensorSpec, _read_json, check_specs, ensure_valid
-from hybridctl.checkpoint.numbers import check_config_numbers
+from hybridctl.checkpoint.numbers import HF_NULLABLE, check_config_numbers
 from hybridctl.checkpoint.io import (SafetensorsReader, atomic_dir, copy_files, find_tokenizer_dir, write_json,
                                      write_sharded)
 from hybridctl.checkpoint.hf_config import (from_mamba2, from_mamba_ssm, from_nemotron, hybridctl_block,
@@ -198,7 +198,7 @@ def open_hf(path: str | Path, **_: Any) -> Source:
     if c is None:
         raise HybridctlError(f"{where}: no config.json")
     kind = _hf_kind(c, where)
-    check_config_numbers(c, f"{path / 'config.json'}")  # hybridctl.checkpoint.numbers: one typed check
+    check_config_numbers(c, f"{path / 'config.json'}", nullable=HF_NULLABLE)  # checkpoint/numbers.py
     # the config first: a model hybridctl cannot run (MoE, ...) is refused by what it is, not by its tensor names
     if kind == "nemotron_h":
         cfg, more = from_nemotron(c, where)

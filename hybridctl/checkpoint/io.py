@@ -59,6 +59,9 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
                 out.rmdir()
             else:
                 raise HybridctlError(f"{out}: already exists (choose another --out, or remove it)")
+        blocking = next((p for p in (out.parent, *out.parent.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise HybridctlError(f"{blocking}: is a file, but {out} needs it to be a directory")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as e:
@@ -160,6 +163,16 @@ def write_sharded(out_dir: Path, specs: dict[str, tuple[tuple[int, ...], torch.d
     return list(split.filename_to_tensors)
 
 
+def _check_weight_map(weight_map: object, idx: Path) -> None:
+    """An index's weight_map: tensor name → a shard file name in the same directory (no paths, no other types)."""
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise HybridctlError(f"{idx}: weight_map must be a non-empty object of tensor name → shard file")
+    for name, fname in weight_map.items():
+        if not isinstance(fname, str) or not fname or Path(fname).name != fname or fname in (".", ".."):
+            raise HybridctlError(f"{idx}: weight_map[{name!r}] = {fname!r} is not a shard file name in this "
+                                 "directory")
+
+
 class SafetensorsReader:
     """Lazy reader over ``model.safetensors`` or an index + shards (names as stored). Validates on open that every
     shard exists and holds the tensors the index names."""
@@ -170,8 +183,9 @@ class SafetensorsReader:
         if idx.is_file():
             try:
                 weight_map = json.loads(idx.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise HybridctlError(f"{idx}: not a valid safetensors index ({e})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise HybridctlError(f"{idx}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+            _check_weight_map(weight_map, idx)
         elif (self.dir / single).is_file():
             weight_map = None
         else:

@@ -57,15 +57,22 @@ def check_float(where: str, key: str, value: Any, *, lo: float = -math.inf, hi: 
     return float(value)
 
 
-def check_config_numbers(raw: Mapping[str, Any] | Any, where: str) -> None:
+# HF config keys whose null the readers replace by a default (others are read with int(c.get(k, default)))
+HF_NULLABLE = frozenset({"num_key_value_heads", "head_dim", "pad_vocab_size_multiple", "attention_head_dim"})
+
+
+def check_config_numbers(raw: Mapping[str, Any] | Any, where: str, *, nullable: frozenset[str] | None = None
+                         ) -> None:
     """Check every known numeric key of a raw config (a dict, or an argparse Namespace), nested tables included
-    (mamba_ssm's ``ssm_cfg``). A null passes (the readers apply their defaults to an absent or null value)."""
+    (mamba_ssm's ``ssm_cfg``). nullable: keys that may be null (None: every key, as Megatron's args, where a null
+    means Megatron's default)."""
     items = raw.items() if isinstance(raw, Mapping) else vars(raw).items() if hasattr(raw, "__dict__") else ()
     for key, value in items:
         if isinstance(value, Mapping) and key not in INT_KEYS | FLOAT_KEYS:
-            check_config_numbers(value, f"{where}: {key}")
+            check_config_numbers(value, f"{where}: {key}", nullable=nullable)
         elif value is None:
-            continue
+            if nullable is not None and key not in nullable and key in INT_KEYS | FLOAT_KEYS:
+                raise _fail(where, key, value, "a number")
         elif key in INT_KEYS:
             check_int(where, key, value, lo=1 if key in POSITIVE else 0)
         elif key in FLOAT_KEYS:
