@@ -15,6 +15,15 @@ from hybridctl.model import build_model, materialize, training_memory
 from hybridctl.train import lm_loss_sum
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one intra-op thread is faster, and robust on a busy 2-core CI machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _seq_idx(rows: list[list[int]]) -> torch.Tensor:
     """Document lengths per row → seq_idx [B,T] int32 (0, 1, ... per row)."""
     return torch.stack([torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(r)]) for r in rows])
@@ -212,3 +221,25 @@ def test_train_refuses_a_recipe_that_cannot_fit_before_writing_anything(tmp_path
     with pytest.raises(HybridctlError, match="does not fit.*RAM"):
         train(recipe=r, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["segments", "flex"])
+def test_compiled_caller_does_not_recompile_per_batch(kind):
+    """A torch.compile'd block gets a new layout every batch: after the first two batches (Dynamo's automatic
+    dynamic shapes) no new graphs (backend="eager": Dynamo's guards without code generation)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    fn = torch.compile(lambda q, k, v, layout: kernels.attention(q * 2, k, v, layout=layout) + 1, backend="eager")
+    graphs = []
+    for i in range(5):
+        g = torch.Generator().manual_seed(i)
+        seq_idx = _seq_idx([[n, 256 - n] for n in torch.randint(1, 255, (2,), generator=g).tolist()])
+        q, k, v = (t.detach() for t in _qkv(2, 256, 4, 2, seed=i))
+        with torch.no_grad():
+            got = fn(q, k, v, kernels.document_layout(seq_idx, kind=kind))
+        torch.testing.assert_close(got, ref.attention(q * 2, k, v, seq_idx=seq_idx) + 1, rtol=0, atol=1e-5)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[2:] == [graphs[1]] * 3, graphs
