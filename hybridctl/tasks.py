@@ -146,8 +146,6 @@ class _Copy(_Task):
         return self.finish(self.bos + ids + self.newline, ids)
 
 
-TASK_OPTIONS = _TASK_OPTIONS
-
 
 def make_task(name: str, tokenizer: Tokenizer, seq_len: int, seed: int, split: str,
               options: Mapping[str, Any]) -> _Task:
