@@ -96,7 +96,7 @@ def test_dry_run_writes_nothing_and_lists_every_tensor(trained, tmp_path):
     json.dumps(res.summary())  # --json
 
 
-# ---- write, load, run -------------------------------------------------------------------------------------------------
+# ---- write, load, run ----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("method,policy", [("int8", "aggressive"), ("int4", "default")])
