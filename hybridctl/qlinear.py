@@ -13,7 +13,8 @@ swapped (``apply_quantization``). The layout is portable: the CPU int4 kernel's 
 
 Kernels: on CPU, PyTorch's weight-only ops (``aten._weight_int8pack_mm``; ``aten._weight_int4pack_mm_for_cpu`` on
 the ``aten._convert_weight_to_int4pack_for_cpu`` copy, which dequantizes ``(u - 8) · scale + zero`` with u in
-[0, 15]: our q + 8, zero 0); elsewhere, above KERNEL_MAX_ROWS rows, and where an op's shape rules fail (int4 needs N % 16 == 0), the twin.
+[0, 15]: our q + 8, zero 0); elsewhere, above KERNEL_MAX_ROWS rows, and where an op's shape rules fail (int4
+needs N % 16 == 0), the twin.
 Every kernel has a pure-PyTorch dequantize-then-matmul twin with the same signature (``*_mm_ref``), the oracle of
 the tests.
 

@@ -1,4 +1,5 @@
-"""``hybridctl quantize``: Mamba-aware weight-only quantization (int8 per channel, int4 group-wise) → native checkpoint.
+"""``hybridctl quantize``: Mamba-aware weight-only quantization (int8 per channel, int4 group-wise) → a native
+checkpoint.
 
 Flow: open any checkpoint → per-tensor plan (policy below) → quantize the planned linears, round-to-nearest or, with
 ``calib``, GPTQ (Frantar et al. 2022: column-by-column rounding with the error spread over the not-yet-quantized

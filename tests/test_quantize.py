@@ -96,7 +96,7 @@ def test_dry_run_writes_nothing_and_lists_every_tensor(trained, tmp_path):
     json.dumps(res.summary())  # --json
 
 
-# ---- write, load, run -------------------------------------------------------------------------------------------------
+# ---- write, load, run ----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("method,policy", [("int8", "aggressive"), ("int4", "default")])
@@ -216,3 +216,14 @@ def test_bad_inputs_one_clear_error_nothing_written(trained, tmp_path):
         quantize(source=q, out=out, eval_data=None)
     with pytest.raises(HybridctlError, match="--out"):
         quantize(source=trained, out=None)
+
+
+def test_convert_refuses_a_quantized_source(trained, tmp_path):
+    from hybridctl.convert import convert
+
+    q = tmp_path / "q"
+    quantize(source=trained, out=q, eval_data=None)
+    for to in ("hf", "megatron", "native"):
+        with pytest.raises(HybridctlError, match="quantized checkpoint"):
+            convert(src=q, to=to, out=tmp_path / to)
+        assert not (tmp_path / to).exists()
