@@ -604,3 +604,54 @@ def test_root_without_tracker_is_detected_and_dtype_applies(tmp_path, native_300
     (tmp_path / "m" / "latest_checkpointed_iteration.txt").unlink()
     assert detect_format(tmp_path / "m") == "megatron"  # a root with release/ (or iter_NNNNNNN/) dirs
     assert open_megatron(tmp_path / "m", iteration="release").config == native_300.config
+
+
+def _metadata_with_save_plan(out: Path, planner_data) -> Path:
+    """Our .metadata with a megatron-core-0.19-like save plan (SavePlan / WriteItem / TensorWriteData /
+    WriteItemType) pickled into it; ``planner_data`` lands inside the plan."""
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    f = out / "release" / ".metadata"
+    md = pickle.loads(f.read_bytes())  # our own file, written by the test a moment ago
+    item = WriteItem(index=MetadataIndex("embedding.word_embeddings.weight"), type=WriteItemType.SHARD,
+                     tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([4, 4])),
+                                                 properties=TensorProperties(dtype=torch.float32),
+                                                 size=torch.Size([4, 4])))
+    md.all_local_plans = [SavePlan(items=[item], planner_data=planner_data)]
+    f.write_bytes(pickle.dumps(md))
+    return f
+
+
+def test_dcp_save_plan_in_metadata_is_read_as_data(tmp_path, native_300):
+    """megatron-core 0.19 pickles DCP's save plan into .metadata: those inert dataclasses are allowed."""
+    out = write_megatron_dist(tmp_path / "meg", native_300)
+    assert b"SavePlan" in _metadata_with_save_plan(out, {"note": [1, 2]}).read_bytes()
+    assert_matches(open_megatron(out), {k: native_300.get(k) for k in native_300.specs})
+
+
+def test_hostile_payload_inside_dcp_save_plan_is_refused(tmp_path, native_300):
+    marker = tmp_path / "pwned"
+    out = write_megatron_dist(tmp_path / "meg", native_300)
+    _metadata_with_save_plan(out, Payload(marker))
+    with pytest.raises(HybridctlError, match="system"):
+        open_megatron(out)
+    assert not marker.exists()
+
+
+def test_torch_dist_export_carries_every_extra_state(tmp_path, native_300):
+    """Defect 4: output_layer / final norm / every linear's _extra_state (what megatron-core asks for strictly)."""
+    from hybridctl.checkpoint.safe_pickle import SafeFileSystemReader
+
+    out = write_megatron_dist(tmp_path / "meg", native_300)
+    keys = set(SafeFileSystemReader(out / "release").read_metadata().state_dict_metadata)
+    cfg = native_300.config
+    want = {"output_layer._extra_state/shard_0_1", "decoder.final_norm._extra_state/shard_0_1"}
+    for i, kind in enumerate(cfg.pattern):
+        mods = {"M": ["mixer.in_proj", "mixer.out_proj", "mixer.norm"],
+                "*": ["self_attention.linear_qkv", "self_attention.linear_proj", "self_attention.core_attention"],
+                "-": ["mlp.linear_fc1", "mlp.linear_fc2"]}[kind]
+        want |= {f"decoder.layers.{i}.{m}._extra_state/shard_0_1" for m in mods}
+    assert want <= keys, sorted(want - keys)

@@ -28,6 +28,7 @@ import torch
 def _patch_cpu() -> None:
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.current_device = lambda: "cpu"
+    torch.Tensor.cuda = lambda self, *a, **k: self  # tied embeddings under PP move the weight "to the GPU"
     from megatron.core.models.hybrid import hybrid_block
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
@@ -185,6 +186,13 @@ def _write_case(out: Path, name: str, c: dict) -> None:
     _save_dist(m, c, root / "iter_0000010")
     (root / "latest_checkpointed_iteration.txt").write_text("10")
     _dump(m, out / name / "model.safetensors")
+    leg = out / name / "legacy_tp1_pp1"
+    f = leg / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt"
+    f.parent.mkdir(parents=True)
+    torch.save({"args": _args(c, 1, 1), "checkpoint_version": 3.0, "iteration": 10,
+                "model": m.state_dict_for_save_checkpoint(), "rng_state": _rng_state()}, f)
+    (leg / "latest_checkpointed_iteration.txt").write_text("10")
+    _dump(m, leg / "rank_0_0.safetensors")
 
 
 def _rank_main(rank: int, world: int, tp: int, pp: int, pg: str, job: dict) -> None:
@@ -194,6 +202,8 @@ def _rank_main(rank: int, world: int, tp: int, pp: int, pg: str, job: dict) -> N
 
     c, kind, ckpt, dump = job["case"], job["kind"], Path(job["ckpt"]), Path(job["dump"])
     t, p = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
+    if kind == "load-dist":  # build the model the checkpoint's args describe (Megatron-LM recomputes the padding)
+        c = {**c, "padded_vocab": dist_checkpointing.load_common_state_dict(str(ckpt))["args"].padded_vocab_size}
     m = _model(c, tp, pp)
     rank_dir = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
     loaded = dist_checkpointing.load({"model": m.sharded_state_dict(prefix="")}, str(ckpt))  # default strictness
@@ -213,8 +223,7 @@ def _rank_main(rank: int, world: int, tp: int, pp: int, pg: str, job: dict) -> N
     dist.destroy_process_group()
 
 
-def _legacy_load(m, f: Path) -> None:
-    obj = torch.load(f, map_location="cpu", weights_only=False)  # the file under test was written by hybridctl
+def _legacy_load(m, obj: dict) -> None:
     # Megatron-LM loads legacy files with strict=True. The local spec lacks only TE's core-attention extra state
     # (hybridctl writes the TE spec's keys), so: nothing missing, and nothing unexpected but that.
     res = m.load_state_dict(obj["model"], strict=False)
@@ -224,6 +233,7 @@ def _legacy_load(m, f: Path) -> None:
 
 
 def _spawn(job: dict, tp: int, pp: int, tmp: Path) -> None:
+    """One spawned process per rank (forking after megatron-core's save leaves workers that deadlock)."""
     import torch.multiprocessing as mp
 
     world = tp * pp
@@ -233,6 +243,9 @@ def _spawn(job: dict, tp: int, pp: int, tmp: Path) -> None:
     mp.spawn(_rank_entry, args=(world, tp, pp, str(pg), job), nprocs=world, join=True)
 
 
+
+
+
 def _rank_entry(rank: int, world: int, tp: int, pp: int, pg: str, job: dict) -> None:
     if job["kind"] == "load-legacy":
         _patch_cpu()
@@ -240,11 +253,13 @@ def _rank_entry(rank: int, world: int, tp: int, pp: int, pg: str, job: dict) -> 
         from megatron.core import parallel_state
 
         t, p = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
-        m = _model(job["case"], tp, pp)
         ckpt, dump = Path(job["ckpt"]), Path(job["dump"])
         it = (ckpt / "latest_checkpointed_iteration.txt").read_text().strip()
         it_dir = ckpt / ("release" if it == "release" else f"iter_{int(it):07d}")
-        _legacy_load(m, it_dir / (f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")) / "model_optim_rng.pt")
+        f = it_dir / (f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")) / "model_optim_rng.pt"
+        obj = torch.load(f, map_location="cpu", weights_only=False)  # written by hybridctl (the file under test)
+        m = _model({**job["case"], "padded_vocab": obj["args"].padded_vocab_size}, tp, pp)
+        _legacy_load(m, obj)
         dump.mkdir(parents=True, exist_ok=True)
         _dump(m, dump / f"rank_{t}_{p}.safetensors")
         import torch.distributed as dist
@@ -260,8 +275,8 @@ def main(argv: list[str]) -> None:
     if cmd == "write":
         out, cases = Path(argv[1]), json.loads(Path(argv[2]).read_text())
         out.mkdir(parents=True, exist_ok=True)
+        _spawn_write(out, cases)
         for name, c in cases.items():
-            _spawn_write(out, name, c)
             for tp, pp in c.get("legacy", []):
                 job = {"kind": "reshard", "case": c, "ckpt": str(out / name / "dist" / "iter_0000010"),
                        "dump": str(out / name / f"legacy_tp{tp}_pp{pp}")}
@@ -281,19 +296,19 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"unknown command {cmd!r}")
 
 
-def _spawn_write(out: Path, name: str, c: dict) -> None:
+def _spawn_write(out: Path, cases: dict) -> None:
     import torch.multiprocessing as mp
 
-    pg = out / f"pg_write_{name}"
-    mp.spawn(_write_entry, args=(str(out), name, c, str(pg)), nprocs=1, join=True)
+    mp.spawn(_write_entry, args=(str(out), cases, str(out / "pg_write")), nprocs=1, join=True)
 
 
-def _write_entry(rank: int, out: str, name: str, c: dict, pg: str) -> None:
-    _patch_cpu()
-    _init(0, 1, 1, 1, pg)
-    _write_case(Path(out), name, c)
+def _write_entry(rank: int, out: str, cases: dict, pg: str) -> None:
     import torch.distributed as dist
 
+    _patch_cpu()
+    _init(0, 1, 1, 1, pg)
+    for name, c in cases.items():
+        _write_case(Path(out), name, c)
     dist.destroy_process_group()
 
 
