@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import os
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -53,7 +54,7 @@ class GenerateResult:
     prefill_s: float  # prompt forward + first sample
     decode_s: float  # the remaining steps (warm-up excluded)
     decode_steps: int
-    warmup_s: float  # compiling the decode step + CUDA-graph capture (≈0 when eager)
+    warmup_s: float  # compiling the decode step + CUDA-graph capture (+ a first prefill on CUDA; ≈0 when eager)
     device: str
     backend: str
     dtype: str
@@ -211,8 +212,9 @@ def compiled_matvec(shapes: Sequence[tuple[int, int]]) -> Callable[[Tensor, Tens
                 torch.testing.assert_close(_matvec_fn(w, x), w @ x, atol=1e-3, rtol=1e-4)
         return _matvec_fn
     except Exception as e:  # noqa: BLE001 - any compiler failure: oneDNN for every product, and say so
-        _matvec_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        _matvec_error = _one_line(e)
         log.warning("generate: compiling the CPU matrix-vector product failed, using oneDNN's (%s)", _matvec_error)
+        log.info("generate: the compile error in full:", exc_info=e)
         return None
 
 
@@ -366,14 +368,21 @@ class DecodeStep:
 
     def _compile(self) -> None:
         """The first compiled call, which compiles; on failure (no C++ compiler, an Inductor bug) the step runs
-        uncompiled. The cache is garbage afterwards: ``generate`` resets it after warm-up."""
+        uncompiled: one warning line, the whole exception (Dynamo's explanation and hints, the traceback) at INFO,
+        which ``-v`` shows. The cache is garbage afterwards: ``generate`` resets it after warm-up.
+
+        The kernel backend is resolved first, outside the traced region: resolving it imports mamba_ssm and logs,
+        which Dynamo refuses to trace under ``fullgraph`` ("Attempted to call function marked as skipped" — the
+        CLI's default ``--backend`` left it unresolved until the first compiled step, issue 19)."""
+        kernels.backend()
         try:
             self._eager()
         except Exception as e:  # noqa: BLE001 - any compiler failure: decode without it, and say so
             self.compiled = False
-            self.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-            log.warning("generate: torch.compile of the decode step failed, running it uncompiled (%s)",
-                        self.compile_error)
+            self.compile_error = _one_line(e)
+            log.warning("generate: torch.compile of the decode step failed, running it uncompiled (%s)%s",
+                        self.compile_error, "" if log.isEnabledFor(logging.INFO) else "; -v shows why in full")
+            log.info("generate: the compile error in full:", exc_info=e)
 
     def capture(self, warmup: int = 2) -> None:
         if self.compiled:
@@ -400,6 +409,11 @@ class DecodeStep:
             self.graph.replay()
             return self.logits
         return self._eager()
+
+
+def _one_line(e: BaseException) -> str:
+    """``Type: first line`` of an exception, at most 300 characters, for summaries and one-line warnings."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
 # ---- per-row bookkeeping on the host ----------------------------------------------------------------------------
@@ -474,7 +488,7 @@ def generate(model_or_path: Any, prompts: str | Sequence[str] | Sequence[Sequenc
              use_eos: bool = True, add_bos: bool | None = None, device: str | None = None, dtype: str | None = None,
              backend: str | None = None, state_dtype: str = "float32", cuda_graph: bool = True,
              compile: bool | None = None, fast_cpu: bool = True, on_text: TextCallback | None = None,
-             sync_every: int = 16) -> GenerateResult:
+             sync_every: int = 16, warm_prefill: bool | None = None) -> GenerateResult:
     """Generate continuations for one prompt or a batch.
 
     model_or_path: a HybridLM (with ``tokenizer`` a Tokenizer, 'byte', a path, or None for id prompts) or any
@@ -488,19 +502,28 @@ def generate(model_or_path: Any, prompts: str | Sequence[str] | Sequence[Sequenc
     CPU, where the fast path below is faster; compile time is reported in ``warmup_s``). ``fast_cpu``: decode with
     oneDNN linears and, at batch 1 with ``compile`` None, a compiled matrix-vector product for the large weights
     (CPU fp32, see cpu_fast_twin; its compile, seconds once per process, is in ``warmup_s``; ``compile=False``
-    compiles nothing). Returns a GenerateResult.
+    compiles nothing). ``warm_prefill`` (None = on CUDA): the warm-up also runs the prompt's forward once, so the
+    one-off costs of a process's first prefill (loading the Triton binaries and autotuning choices from the disk
+    caches, cuDNN/cuBLAS set-up at the prompt's shapes: ~0.35 s on an H200, 6× a 6.5K-token prefill) are reported in
+    ``warmup_s`` and ``time_to_first_token_s`` is the prefill itself; ``first_token_wall_s`` in ``extra`` is what the
+    caller waited in all (loading, warm-up, prefill). Returns a GenerateResult.
     """
     from hybridctl.checkpoint.native import torch_dtype
 
     if max_new_tokens < 1:
         raise HybridctlError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    t_start = time.perf_counter()
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
-    if backend is not None:
-        kernels.set_backend(backend)
+    caches = persistent_caches() if torch.cuda.is_available() else {}  # before the kernels import (autotuners)
+    # resolved here, never first inside a compiled region (DecodeStep._compile says why)
+    kernels.set_backend(backend) if backend is not None else kernels.backend()
     sdtype = torch_dtype(state_dtype)
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     model, tok, dev = _resolve_model(model_or_path, tokenizer, device, dtype,
                                      need_tokenizer=any(isinstance(p, str) for p in texts) or on_text is not None)
+    load_s = time.perf_counter() - t_start
+    if dev.type == "cuda":
+        _warn_if_ref_on_cuda()
     prompts = texts
     ids = encode_prompts(prompts, tok, add_bos)
     if tok is None and any(stop):
@@ -518,8 +541,13 @@ def generate(model_or_path: Any, prompts: str | Sequence[str] | Sequence[Sequenc
         out = _run(model, ids, rows, params, vocab=vocab, max_new_tokens=max_new_tokens, seed=seed, device=dev,
                    state_dtype=sdtype, cuda_graph=cuda_graph,
                    compile=dev.type == "cuda" if compile is None else compile, cpu_matvec=compile is None,
-                   fast_cpu=fast_cpu, on_text=on_text, sync_every=sync_every)
+                   fast_cpu=fast_cpu, on_text=on_text, sync_every=sync_every,
+                   warm_prefill=dev.type == "cuda" if warm_prefill is None else warm_prefill)
     p = next(model.parameters())
+    # what a caller waits for its first token: loading, warm-up (compile, graph capture), prefill
+    out["extra"].update(load_s=load_s, first_token_wall_s=out.pop("t_first") - t_start)
+    if dev.type == "cuda":
+        out["extra"].update(kernels=kernels.describe(), **({"caches": caches} if caches else {}))
     return GenerateResult(
         texts=[r.text for r in rows], tokens=[r.tokens for r in rows], prompt_tokens=[len(x) for x in ids],
         finish_reasons=[r.finish or "length" for r in rows], batch_size=len(ids), device=str(dev),
@@ -527,9 +555,42 @@ def generate(model_or_path: Any, prompts: str | Sequence[str] | Sequence[Sequenc
         state_dtype=str(sdtype).removeprefix("torch."), **out)
 
 
+CACHE_DEFAULTS = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
+
+
+def persistent_caches() -> dict[str, str]:
+    """Default the compilers' on-disk caches, where the user set none, to folders under ``$HYBRIDCTL_CACHE_DIR``
+    (default ``$XDG_CACHE_HOME/hybridctl``, else ``~/.cache/hybridctl``) and turn on Triton's autotuning cache
+    (``TRITON_CACHE_AUTOTUNING=1``): the decode step's Inductor graphs and Triton binaries, and the autotuning
+    choices of mamba_ssm's SSD kernels, which are otherwise benchmarked afresh in every process, inside the first
+    prefill (issue 19). Inductor's default lives under /tmp. Must run before mamba_ssm is imported (its autotuners
+    read the flag when they are built). Returns the variables in effect (what the summary reports)."""
+    root = os.environ.get("HYBRIDCTL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "hybridctl")
+    for var, sub in CACHE_DEFAULTS.items():
+        os.environ.setdefault(var, os.path.join(root, sub))
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+    return {k: os.environ[k] for k in (*CACHE_DEFAULTS, "TRITON_CACHE_AUTOTUNING")}
+
+
+_warned_ref = False
+
+
+def _warn_if_ref_on_cuda() -> None:
+    """A CUDA model on the pure-PyTorch path (``auto`` found no mamba_ssm) prefills many times slower: say so once
+    per process, with the import error, instead of only at INFO."""
+    global _warned_ref
+    if kernels.backend() == "ref" and kernels._requested != "ref" and not _warned_ref:
+        _warned_ref = True
+        log.warning("generate: the Mamba-2 kernels are unavailable (%s): CUDA prefill and decode take the "
+                    "pure-PyTorch path, much slower; install with: pip install 'hybridctl[kernels]'",
+                    "; ".join(kernels._load().errors) or "?")
+
+
 def _run(model, ids: list[list[int]], rows: list[_Row], params: SamplingParams, *, vocab: int, max_new_tokens: int,
          seed: int, device: torch.device, state_dtype: torch.dtype, cuda_graph: bool, compile: bool,
-         cpu_matvec: bool, fast_cpu: bool, on_text: TextCallback | None, sync_every: int) -> dict[str, Any]:
+         cpu_matvec: bool, fast_cpu: bool, on_text: TextCallback | None, sync_every: int,
+         warm_prefill: bool = False) -> dict[str, Any]:
     """Prefill + decode loop; fills ``rows``; returns the timing fields of GenerateResult."""
     bsz = len(ids)
     input_ids, seq_idx, positions, pad = _pad_batch(ids, device)
@@ -540,6 +601,10 @@ def _run(model, ids: list[list[int]], rows: list[_Row], params: SamplingParams, 
         if (fast_cpu and not compile and device.type == "cpu") else model
     step = DecodeStep(step_model, cache, bsz, device, cuda_graph, compile=compile)
     step.capture()  # runs the step: before the prefill, then the cache is cleared
+    if warm_prefill:  # the prompt's shapes once: first-use costs out of the timed prefill (see generate)
+        model.logits(model(input_ids, seq_idx=seq_idx, cache=cache, positions=positions, return_hidden=True)[:, -1])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     cache.reset()
     warmup_s = time.perf_counter() - t0
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -582,9 +647,10 @@ def _run(model, ids: list[list[int]], rows: list[_Row], params: SamplingParams, 
     for r in rows:
         r.finish_length()
     _deliver(rows, [[] for _ in rows], on_text)
-    return dict(prefill_s=t2 - t1, decode_s=t3 - t2, decode_steps=steps,
+    return dict(prefill_s=t2 - t1, decode_s=t3 - t2, decode_steps=steps, t_first=t2,
                 warmup_s=warmup_s, cuda_graph=step.graph is not None,
                 extra={"cpu_fast_path": step_model is not model, "compiled": step.compiled,
+                       "warm_prefill": warm_prefill,
                        "cpu_compiled_matvec": bool(getattr(step_model, "compiled_matvec", False)),
                        **({"compile_error": step.compile_error} if step.compile_error else {})})
 

@@ -451,3 +451,77 @@ def test_dtype_casts_a_given_model_in_place_as_documented():
     model = make_model()
     generate(model, [[1, 2, 3]], max_new_tokens=2, dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
+
+
+# ---- issue 19: what the CLI's process does differently ----------------------------------------------------------
+
+
+def test_the_backend_is_resolved_before_the_first_compiled_step(monkeypatch):
+    """Resolving the backend imports mamba_ssm and logs, which Dynamo refuses to trace under fullgraph ("Attempted to
+    call function marked as skipped"): the CLI's default --backend left it unresolved until the compiled step."""
+    from hybridctl import generate as gen_mod
+    from hybridctl import kernels
+
+    real = gen_mod.compiled_step_fns
+    seen = []
+
+    def spy():
+        seen.append(kernels._requested)
+        return real()
+
+    monkeypatch.setattr(gen_mod, "compiled_step_fns", spy)
+    monkeypatch.setattr(kernels, "_requested", None)
+    model = make_model()
+    with torch.inference_mode():
+        step = gen_mod.DecodeStep(model, model.allocate_cache(1, 8), 1, torch.device("cpu"), use_graph=False,
+                                  compile=True)
+        step.capture()
+    assert seen and seen[0] is not None and step.compiled and step.compile_error is None
+
+
+def test_a_compile_failure_is_one_warning_line_and_in_full_at_info(monkeypatch, caplog):
+    from hybridctl import generate as gen_mod
+
+    def broken(*_a, **_k):
+        raise RuntimeError("Attempted to call function marked as skipped\nExplanation: the whole story")
+
+    monkeypatch.setattr(gen_mod, "compiled_step_fns", lambda: (broken, broken))
+    with caplog.at_level("WARNING", logger="hybridctl.generate"):
+        res = generate(make_model(), [[1, 2, 3]], max_new_tokens=3, compile=True)
+    assert res.extra["compile_error"] == "RuntimeError: Attempted to call function marked as skipped"
+    assert [r.getMessage().endswith("-v shows why in full") for r in caplog.records] == [True]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hybridctl.generate"):
+        generate(make_model(), [[1, 2, 3]], max_new_tokens=3, compile=True)
+    full = [r for r in caplog.records if r.exc_info]
+    assert len(full) == 1 and "Explanation: the whole story" in caplog.text and "Traceback" in caplog.text
+
+
+def test_persistent_caches_default_under_the_hybridctl_cache_dir_and_keep_the_users(monkeypatch, tmp_path):
+    from hybridctl.generate import persistent_caches
+
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TRITON_CACHE_AUTOTUNING", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HYBRIDCTL_CACHE_DIR", str(tmp_path / "c"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
+    got = persistent_caches()
+    assert got == {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "c" / "inductor"),
+                   "TRITON_CACHE_DIR": str(tmp_path / "mine"), "TRITON_CACHE_AUTOTUNING": "1"}
+    monkeypatch.delenv("HYBRIDCTL_CACHE_DIR")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "0")
+    got = persistent_caches()
+    assert got["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "hybridctl" / "inductor")
+    assert got["TRITON_CACHE_AUTOTUNING"] == "0"
+
+
+def test_warm_prefill_changes_no_token_and_the_summary_reports_the_wait():
+    model = make_model(pattern="M*-M", attention={"position": "rope"})
+    prompts = [torch.randint(0, 384, (n,)).tolist() for n in (40, 7)]  # left-padded: the warm pass must not leak
+    cold = generate(model, prompts, max_new_tokens=6, warm_prefill=False)
+    warm = generate(model, prompts, max_new_tokens=6, warm_prefill=True)
+    assert warm.tokens == cold.tokens and warm.extra["warm_prefill"] and not cold.extra["warm_prefill"]
+    s = warm.summary()
+    assert s["first_token_wall_s"] >= s["warmup_s"] + s["time_to_first_token_s"] and s["load_s"] >= 0
+    assert s["time_to_first_token_s"] == warm.prefill_s
