@@ -11,8 +11,8 @@ What transformers 5.23 actually does (models/nemotron_h, models/mamba2), and so 
 - NemotronH MLPs are ``down(act(up(x)))`` with ``mlp_hidden_act`` (``relu2`` | ``gelu`` here): no gated (swiglu) MLP,
   no position embedding in attention (NoPE), explicit ``head_dim``; the Mamba inner size is
   ``mamba_num_heads * mamba_head_dim`` (``expand`` is not read; hybridctl keeps ``mamba.nheads``). Gated RMSNorm is
-  grouped (size d_inner / n_groups), normalising after the gate, eps ``layer_norm_epsilon`` — as hybridctl's. ``residual_in_fp32`` is not read by
-  NemotronH; Mamba2 honours it (a difference only below fp32).
+  grouped (size d_inner / n_groups), normalising after the gate, eps ``layer_norm_epsilon`` — as hybridctl's.
+  ``residual_in_fp32`` is not read by NemotronH; Mamba2 honours it (a difference only below fp32).
 - transformers writes +inf in config.json as ``{"__float__": "Infinity"}``; both that and JSON ``Infinity`` are read.
 Tensor layouts equal the native ones: conversion renames (checkpoint/keymaps.py) and streams tensor by tensor.
 """
