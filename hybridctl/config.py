@@ -293,7 +293,10 @@ def _from_dict(cls: type, d: dict[str, Any], owner: str) -> Any:
         raise HybridctlError(f"{owner}.{k}: unknown key{hint}")
     hints = typing.get_type_hints(cls)
     for k, v in d.items():
-        if not isinstance(v, dict) or not dataclasses.is_dataclass(hints[k]):
+        if dataclasses.is_dataclass(hints[k]):
+            if not isinstance(v, (dict, hints[k])):
+                raise HybridctlError(f"{owner}.{k}: expected a table/object, got {v!r}")
+        else:
             _check_type(f"{owner}.{k}", v, hints[k])
     return cls(**d)
 

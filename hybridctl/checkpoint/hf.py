@@ -28,12 +28,12 @@ from typing import Any
 import torch
 
 from hybridctl.checkpoint import Source, TensorSpec, _read_json, check_specs, ensure_valid
-from hybridctl.checkpoint.numbers import HF_NULLABLE, check_config_numbers
 from hybridctl.checkpoint.io import (SafetensorsReader, atomic_dir, copy_files, find_tokenizer_dir, write_json,
                                      write_sharded)
 from hybridctl.checkpoint.hf_config import (from_mamba2, from_mamba_ssm, from_nemotron, hybridctl_block,
                                             mamba2_config, nemotron_config, require)
 from hybridctl.checkpoint.keymaps import HF_BACKBONE, HF_MLP_ACT, HF_MODEL_PREFIX, MAMBA_SSM, KeyMap
+from hybridctl.checkpoint.numbers import HF_NULLABLE, check_config_numbers
 from hybridctl.config import ATTENTION, MAMBA, MLP, HybridctlError, ModelConfig
 
 log = logging.getLogger(__name__)
