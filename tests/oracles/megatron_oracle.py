@@ -223,11 +223,24 @@ def _rank_main(rank: int, world: int, tp: int, pp: int, pg: str, job: dict) -> N
     dist.destroy_process_group()
 
 
+# The local spec keeps its norms as separate modules; a TE-spec model (what hybridctl's legacy files are written for)
+# fuses them into the next linear. Same map as the spec's sharded_state_dict_keys_map, applied to plain keys.
+_TE_TO_LOCAL = {"mixer.in_proj.layer_norm_": "norm.", "self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+                "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
+_TE_ONLY_EXTRA = ("core_attention._extra_state", "mixer.norm._extra_state")
+
+
 def _legacy_load(m, obj: dict) -> None:
-    # Megatron-LM loads legacy files with strict=True. The local spec lacks only TE's core-attention extra state
-    # (hybridctl writes the TE spec's keys), so: nothing missing, and nothing unexpected but that.
-    res = m.load_state_dict(obj["model"], strict=False)
-    unexpected = [k for k in res.unexpected_keys if not k.endswith("core_attention._extra_state")]
+    # Megatron-LM loads legacy files with strict=True. After renaming the TE-fused norm keys to the local spec's
+    # modules, nothing may be missing and nothing unexpected but the extra state of TE-only modules.
+    sd = {}
+    for k, v in obj["model"].items():
+        for te, local in _TE_TO_LOCAL.items():
+            if f".{te}" in k:
+                k = k.replace(f".{te}", f".{local}")
+        sd[k] = v
+    res = m.load_state_dict(sd, strict=False)
+    unexpected = [k for k in res.unexpected_keys if not k.endswith(_TE_ONLY_EXTRA)]
     if res.missing_keys or unexpected:
         raise SystemExit(f"strict load failed: missing {res.missing_keys}, unexpected {unexpected}")
 
