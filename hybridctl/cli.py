@@ -467,7 +467,8 @@ def generate(
                f"prefill {res.prefill_tokens_per_s:.1f} tok/s | decode {res.decode_tokens_per_s:.1f} tok/s | "
                f"{res.device} {res.backend}{' compiled' if res.extra.get('compiled') else ''}"
                f"{' cuda-graph' if res.cuda_graph else ''}{' fast-cpu' if res.extra.get('cpu_fast_path') else ''}"
-               f"{f' | warm-up {res.warmup_s:.1f} s' if res.warmup_s >= 0.1 else ''}]", err=True)
+               f"{f' | warm-up {res.warmup_s:.1f} s' if res.warmup_s >= 0.1 else ''}"
+               f" | first token after {res.extra.get('first_token_wall_s', 0.0):.1f} s]", err=True)
 
 
 def _read_stdin() -> str:

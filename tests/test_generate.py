@@ -377,7 +377,7 @@ def test_cli_streams_text_and_reads_stdin(ckpt):
     r = runner.invoke(app, ["generate", str(ckpt), "-p", "-", "--max-new-tokens", "8", "--ignore-eos"], input="Hey")
     assert r.exit_code == 0, r.output
     assert r.stdout == j["text"] + "\n"
-    assert "decode" in r.stderr and "tok/s" in r.stderr
+    assert "decode" in r.stderr and "tok/s" in r.stderr and "first token after" in r.stderr
 
 
 def test_cli_errors_are_one_line(ckpt, tmp_path):
