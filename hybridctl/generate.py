@@ -19,12 +19,9 @@ that completed a stop string; ``text`` is the decoded continuation with the stop
 
 from __future__ import annotations
 
-import copy
-import itertools
 import logging
 import os
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +30,7 @@ from typing import Any
 import torch
 
 from hybridctl import kernels
+from hybridctl.cpu_decode import _one_line, cpu_fast_twin, raise_recompile_limit
 from hybridctl.parallel import resolve_device
 from hybridctl.config import HybridctlError
 from hybridctl.sampling import SamplingParams, sample
@@ -160,157 +158,6 @@ def _pad_batch(ids: list[list[int]], device: torch.device) -> tuple[Tensor, Tens
     return input_ids, seq_idx, positions, pad
 
 
-# ---- CPU fast path: linear weights prepacked for oneDNN ---------------------------------------------------------
-
-FAST_CPU_MAX_BYTES = 4 << 30  # the twin holds a second copy of the linear weights: small models only
-
-
-def _onednn_linear_ops() -> bool:
-    """oneDNN's inner product on dense fp32 tensors, the weight optionally reordered once (what Inductor's freezing
-    pass emits): ``mkldnn._reorder_linear_weight`` + ``mkldnn._linear_pointwise``; older builds lack them."""
-    return hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-MATVEC_MIN_BYTES = 4 << 20  # weights from this size take the compiled matrix-vector product at batch 1
-_matvec_fn: Callable[[Tensor, Tensor], Tensor] | None = None
-_matvec_error: str | None = None
-
-
-def _raise_recompile_limit(n: int) -> None:
-    """Dynamo keeps at most recompile_limit graphs per compiled function, then silently runs it uncompiled: make room
-    for ``n`` (the process-wide limit only ever grows)."""
-    import torch._dynamo
-
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-    setattr(cfg, name, max(getattr(cfg, name), n))
-
-
-def _matvec(w: Tensor, x: Tensor) -> Tensor:
-    """w [N,K], x [K] → [N]: one fused multiply-reduce pass over w when compiled."""
-    return (w * x).sum(-1)
-
-
-def compiled_matvec(shapes: Sequence[tuple[int, int]]) -> Callable[[Tensor, Tensor], Tensor] | None:
-    """``_matvec`` compiled by Inductor for each weight shape [N,K] in ``shapes`` (compiled here, once per shape
-    and process: generate's warm-up), or None where compiling fails (no C++ compiler, an Inductor bug: logged once,
-    then oneDNN does every product). On the 2-core EPYC, weights not in cache, it streams a batch-1 product 5–25%
-    faster than oneDNN's M = 1 kernel: a vectorised row reduction split over the OpenMP threads. Static shapes:
-    Inductor decides the threading from the sizes it compiles for (a dynamic-shape kernel compiled at a small size
-    runs on one thread). Its per-call overhead (Dynamo's guards, ≈ 10 µs) keeps small weights on oneDNN
-    (MATVEC_MIN_BYTES)."""
-    global _matvec_fn, _matvec_error
-    if _matvec_error is not None:
-        return None
-    try:
-        if _matvec_fn is None:
-            _raise_recompile_limit(64)  # one graph per weight shape (× grad mode) must fit
-            _matvec_fn = torch.compile(_matvec, dynamic=False)
-        with torch.inference_mode():
-            for n, k in sorted(set(shapes)):
-                w, x = torch.randn(n, k), torch.randn(k)
-                torch.testing.assert_close(_matvec_fn(w, x), w @ x, atol=1e-3, rtol=1e-4)
-        return _matvec_fn
-    except Exception as e:  # noqa: BLE001 - any compiler failure: oneDNN for every product, and say so
-        _matvec_error = _one_line(e)
-        log.warning("generate: compiling the CPU matrix-vector product failed, using oneDNN's (%s)", _matvec_error)
-        log.info("generate: the compile error in full:", exc_info=e)
-        return None
-
-
-class _PackedLinear(torch.nn.Module):
-    """x [..., in] → x Wᵀ + b for the CPU decode step, which is matrix-vector work at M = batch. MKL's small-M
-    sgemm/sgemv streams the weights at about half the memory bandwidth there; oneDNN's inner product does not
-    (measured on 2 EPYC cores, 1 thread: the 50304×768 head at B=8 40 → 17 ms, the whole hybrid-130m step
-    110 → 93 ms).
-
-    ``mkldnn._linear_pointwise`` takes and returns dense tensors (no to_mkldnn / to_dense per call: 45 linears a
-    hybrid-130m step, ≈ 1.5 ms of a ≈ 30 ms batch-1 step) and picks its kernel by the weight's layout. On the
-    2-core EPYC (AVX-512), per weight shape of hybrid-130m, weights not in cache: several rows run 30–50% faster
-    on the blocked copy that ``_reorder_linear_weight`` makes for M > 1 (avx512 brgemm; packed once here), one row
-    5–10% faster on the plain row-major weight (avx2 brgemm; the parameter itself, no copy), and faster still, for
-    weights of MATVEC_MIN_BYTES and more, through ``compiled_matvec``. Builds without these ops use mkldnn_linear
-    with the per-call conversions."""
-
-    def __init__(self, weight: Tensor, bias: Tensor | None, matvec: Callable[[Tensor, Tensor], Tensor] | None = None
-                 ) -> None:
-        super().__init__()
-        self.weight = weight  # the dense parameter: the batch-1 operand, and for anything that inspects it
-        self.pointwise = _onednn_linear_ops()
-        self.dense = weight.detach().contiguous()
-        self.big = self.dense.numel() * self.dense.element_size() >= MATVEC_MIN_BYTES
-        self.matvec = matvec if self.big else None
-        self.bias_dense = None if bias is None else bias.detach()
-        if self.pointwise:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.dense, None)  # blocked (AB16b64a)
-            self.packed_bias = self.bias_dense
-        else:
-            self.packed = self.dense.to_mkldnn()
-            self.packed_bias = None if bias is None else self.bias_dense.to_mkldnn()
-
-    def forward(self, x: Tensor) -> Tensor:
-        one_row = x.numel() == x.shape[-1]
-        if one_row and self.matvec is not None:
-            y = self.matvec(self.dense, x.reshape(-1))
-            if self.bias_dense is not None:
-                y = y + self.bias_dense
-            return y.view(*x.shape[:-1], y.shape[-1])
-        if self.pointwise:
-            w = self.dense if one_row else self.packed
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, self.packed_bias, "none", [], "")
-        flat = x.reshape(-1, x.shape[-1]).contiguous().to_mkldnn()
-        y = torch._C._nn.mkldnn_linear(flat, self.packed, self.packed_bias).to_dense()
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-
-_twins: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _fingerprint(model) -> tuple:
-    # storage and in-place version of every parameter: a twin is stale once any weight changed
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
-
-
-def cpu_fast_twin(model, *, matvec: bool = False):
-    """The model to run CPU decode steps with: a twin sharing every tensor with ``model`` whose linears (lm_head /
-    tied embedding included) are _PackedLinear: a blocked copy of each weight for oneDNN at several rows, and at one
-    row the weight itself through oneDNN or, with ``matvec`` (batch-1 decode), through ``compiled_matvec`` for the
-    weights of MATVEC_MIN_BYTES and more (compiled here, on the first such call: seconds, once per process; the
-    twin keeps it). The SSM state is updated in place by ref.ssm_step either way. Returns ``model`` itself where the
-    fast path does not apply (not CPU fp32, no oneDNN, linear weights over FAST_CPU_MAX_BYTES). Cached per model
-    while its weights are unchanged (the packed copy lives as long as the model)."""
-    p = next(model.parameters())
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    if p.device.type != "cpu" or p.dtype != torch.float32 or not torch.backends.mkldnn.is_available() \
-            or nbytes > FAST_CPU_MAX_BYTES:
-        return model
-    key = _fingerprint(model)
-    hit = _twins.get(model)
-    if hit is not None and hit[0] == key:
-        twin = hit[1]
-    else:
-        memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-        twin = copy.deepcopy(model, memo)  # new module objects, the same tensors
-        for parent in list(twin.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is torch.nn.Linear:
-                    setattr(parent, name, _PackedLinear(child.weight, child.bias))
-        twin.compiled_matvec = False
-        if model.lm_head is None or type(model.lm_head) is torch.nn.Linear:  # a quantized head runs as it is
-            head = _PackedLinear(model.embed.weight if model.lm_head is None else model.lm_head.weight, None)
-            twin.packed_head = head
-            object.__setattr__(twin, "logits", head)  # shadows HybridLM.logits (h [..., D] → logits) on this twin
-        _twins[model] = (key, twin)
-    if matvec and not twin.compiled_matvec:
-        big = [m for m in twin.modules() if isinstance(m, _PackedLinear) and m.big]
-        fn = compiled_matvec([tuple(m.dense.shape) for m in big]) if big else None
-        for m in big:
-            m.matvec = fn
-        twin.compiled_matvec = fn is not None
-    return twin
-
-
 # ---- the decode step: eager or CUDA graph -----------------------------------------------------------------------
 
 
@@ -326,7 +173,7 @@ def compiled_step_fns() -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
         from hybridctl.blocks import Block
         from hybridctl.model import HybridLM
 
-        _raise_recompile_limit(64)  # Block.step: one graph per layer kind × dtype × device, then dynamic shapes
+        raise_recompile_limit(64)  # Block.step: one graph per layer kind × dtype × device, then dynamic shapes
         _compiled_fns = (torch.compile(Block.step, fullgraph=True), torch.compile(HybridLM.head, fullgraph=True))
     return _compiled_fns
 
@@ -409,11 +256,6 @@ class DecodeStep:
             self.graph.replay()
             return self.logits
         return self._eager()
-
-
-def _one_line(e: BaseException) -> str:
-    """``Type: first line`` of an exception, at most 300 characters, for summaries and one-line warnings."""
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
 # ---- per-row bookkeeping on the host ----------------------------------------------------------------------------
@@ -532,7 +374,8 @@ def generate(model_or_path: Any, prompts: str | Sequence[str] | Sequence[Sequenc
     if bad:
         i, t = bad[0]
         size = f"; the tokenizer has {tok.vocab_size} ids" if tok is not None else ""
-        raise HybridctlError(f"prompt {i}: token id {t} is outside the model's vocabulary (0..{model.cfg.vocab_size - 1})"
+        raise HybridctlError(f"prompt {i}: token id {t} is outside the model's vocabulary "
+                             f"(0..{model.cfg.vocab_size - 1})"
                              f"{size}")
     vocab = model.cfg.vocab_size if tok is None else min(model.cfg.vocab_size, tok.vocab_size)
     eos_id = tok.eos_id if (use_eos and tok is not None) else None

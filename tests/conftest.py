@@ -15,6 +15,15 @@ def _deterministic():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and robust on a busy 2-core CI machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _ref_backend():
     kernels.set_backend("auto")  # CPU tensors always take the ref path

@@ -15,13 +15,7 @@ from hybridctl.model import build_model, materialize, training_memory
 from hybridctl.train import lm_loss_sum
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and robust on a busy 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _seq_idx(rows: list[list[int]]) -> torch.Tensor:

@@ -103,7 +103,7 @@ def test_cpu_fast_twin_matches_decode_step(tie):
 def test_packed_linear_paths_match_f_linear(monkeypatch, matvec):
     """_PackedLinear's three CPU paths give F.linear: one row on the dense weight (oneDNN) or on the compiled
     matrix-vector product (weights from MATVEC_MIN_BYTES), several rows on the blocked copy; bias included."""
-    import hybridctl.generate as g
+    import hybridctl.cpu_decode as g
 
     if not (torch.backends.mkldnn.is_available() and g._onednn_linear_ops()):
         pytest.skip("no oneDNN linear ops in this torch build")
@@ -121,7 +121,7 @@ def test_packed_linear_paths_match_f_linear(monkeypatch, matvec):
 
 def test_cpu_fast_twin_batch1_compiled_matvec_matches_decode_step(monkeypatch):
     """At batch 1 with every weight on the compiled matrix-vector product, the twin computes the model's step."""
-    import hybridctl.generate as g
+    import hybridctl.cpu_decode as g
 
     monkeypatch.setattr(g, "MATVEC_MIN_BYTES", 0)
     model = make_model(pattern="*M-M*M")
@@ -134,7 +134,7 @@ def test_cpu_fast_twin_batch1_compiled_matvec_matches_decode_step(monkeypatch):
 def test_generate_compiles_the_cpu_matvec_only_at_batch_1_and_not_with_no_compile(monkeypatch):
     """The compiled matrix-vector product (seconds of compile) is built for batch-1 CPU decode with compile left at
     its default, not for a batch, not with compile=False; the tokens do not depend on it."""
-    import hybridctl.generate as g
+    import hybridctl.cpu_decode as g
 
     monkeypatch.setattr(g, "MATVEC_MIN_BYTES", 0)
     model = make_model(pattern="*M-M*M")

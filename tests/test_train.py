@@ -34,13 +34,7 @@ SMALL = ["data.seq_len=64", "optim.micro_batch=2", "optim.global_batch=4", "opti
          "optim.warmup_steps=2", "eval.batches=1", "logging.interval=1", "logging.progress=false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster, and robust on a busy 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _recipe(tmp_path: Path, *sets: str, steps: int = 6):
