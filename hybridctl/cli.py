@@ -23,6 +23,7 @@ from typer.core import TyperGroup
 from hybridctl import __version__
 from hybridctl.config import HybridctlError
 
+
 class _OneLineGroup(TyperGroup):
     """Usage errors (exit 2) as one line plus a pointer to --help, instead of click/rich's multi-line panel."""
 
