@@ -531,54 +531,6 @@ def test_tp_split_slice_merge_are_inverse():
     assert torch.equal(parts[0], torch.cat([t[0:6], t[12:16], t[20:22]]))
 
 
-def test_megatron_core_loads_written_dist_at_tp2(tmp_path, native_300):
-    """Format oracle (optional: needs megatron-core importable): megatron-core's own dist_checkpointing.load reads
-    the torch_dist checkpoint hybridctl wrote into TP=2 shards, the way a TP=2 MambaModel asks for them (Mamba
-    fused tensors per component, [None] extra state), and every shard equals the independent hand slicing."""
-    mcore = pytest.importorskip("megatron.core.dist_checkpointing")
-    import torch.distributed as dist
-
-    out = write_megatron_dist(tmp_path / "meg", native_300)
-    cfg, tp = native_300.config, 2
-    sd = {k: native_300.get(k) for k in native_300.specs}
-    glob = hand_global(cfg, sd, "mid")
-    for k in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        glob[k] = torch.cat([glob[k], torch.zeros(384 - 300, cfg.d_model)])
-    di, gn, H = cfg.d_inner, cfg.mamba.ngroups * cfg.mamba.d_state, cfg.mamba_nheads
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        request, expect = {}, {}
-        for k, t in glob.items():
-            for r in range(tp):
-                local = hand_rank_slice(cfg, k, t, r, tp)
-                if k.endswith(("layer_norm_weight", "final_norm.weight")):
-                    if r == 0:
-                        request[k] = mcore.ShardedTensor.from_rank_offsets(k, torch.empty_like(t), replica_id=0)
-                        expect[k] = t
-                    continue
-                names, sizes = ("z x B C dt".split(), [di, di, gn, gn, H]) if k.endswith("in_proj.weight") else \
-                    (list("xBC"), [di, gn, gn]) if "conv1d" in k else ([None], [local.shape[0]])
-                dim = 1 if k.endswith(("out_proj.weight", "linear_proj.weight", "linear_fc2.weight")) else 0
-                pieces = torch.split(local, [s // tp for s in sizes]) if names[0] else [local]
-                offsets = [(dim, r, tp)] * len(pieces)
-                if k.endswith("linear_fc1.weight"):  # megatron's swiglu factory: gate_r at r, up_r at tp + r of 2·tp
-                    pieces, offsets, names = torch.chunk(local, 2), [(0, r, 2 * tp), (0, tp + r, 2 * tp)], [None] * 2
-                for j, (name, piece) in enumerate(zip(names, pieces)):
-                    key = k if name is None else f"{k}.{name}"
-                    request[(key, r, j)] = mcore.ShardedTensor.from_rank_offsets(key, torch.empty_like(piece),
-                                                                                 offsets[j], replica_id=0)
-                    expect[(key, r, j)] = piece
-        request["te"] = mcore.ShardedObject("decoder.layers.1.self_attention.core_attention._extra_state", None,
-                                            (1,), (0,), replica_id=0)
-        loaded = mcore.load(request, str(out / "release"))
-        assert mcore.load_common_state_dict(str(out / "release"))["args"].hybrid_override_pattern == cfg.pattern
-    finally:
-        dist.destroy_process_group()
-    assert loaded["te"] is None
-    for k, v in expect.items():
-        assert torch.equal(loaded[k], v), k
-
-
 @pytest.mark.parametrize("fmt", ["legacy", "dist"])
 def test_tokenizer_travels_with_megatron_export(tmp_path, fmt):
     from hybridctl.checkpoint import load_tokenizer_for
