@@ -142,6 +142,45 @@ def test_megatron_learned_absolute_without_tensor_refused(tmp_path, native):
     assert_one_line_error(cli("convert", out, "--to", "native", "--out", tmp_path / "o"), "learned_absolute")
 
 
+def _dist_metadata_edit(tmp_path: Path, native: Path, key: str, **changes) -> Path:
+    import dataclasses
+    import pickle
+
+    out = write_megatron_dist(tmp_path / "meg", open_checkpoint(native))
+    f = out / "release" / ".metadata"
+    md = pickle.loads(f.read_bytes())  # our own file, written a moment ago
+    tm = md.state_dict_metadata[key]
+    if "dtype" in changes:
+        tm.properties = dataclasses.replace(tm.properties, dtype=changes["dtype"])
+    if "size" in changes:
+        tm.size = torch.Size(changes["size"])
+        tm.chunks = [dataclasses.replace(c, sizes=torch.Size(changes["size"])) for c in tm.chunks]
+    f.write_bytes(pickle.dumps(md))
+    return out
+
+
+@pytest.mark.parametrize("key,dtype", [("decoder.final_norm.weight", torch.float16),
+                                       ("embedding.word_embeddings.weight", torch.bfloat16),
+                                       ("decoder.layers.2.mixer.in_proj.weight.x", torch.float64)])
+def test_dist_metadata_dtype_contradicting_the_data_refused(tmp_path, native, key, dtype):
+    """A torch_dist .metadata declaring a float32 tensor as float16 (DCP would copy the stored values into the
+    declared dtype, silently rounded) is refused, naming both sides."""
+    out = _dist_metadata_edit(tmp_path, native, key, dtype=dtype)
+    before = tree(out)
+    for to in ("native", "hf"):
+        line = assert_one_line_error(cli("convert", out, "--to", to, "--out", tmp_path / "o"), key)
+        assert f"declares {str(dtype)[6:]}" in line and "stores float32" in line, line
+        assert not (tmp_path / "o").exists()
+    assert tree(out) == before
+
+
+def test_dist_metadata_size_larger_than_the_data_refused(tmp_path, native):
+    out = _dist_metadata_edit(tmp_path, native, "decoder.final_norm.weight", size=[128])
+    line = assert_one_line_error(cli("convert", out, "--to", "native", "--out", tmp_path / "o"), "final_norm")
+    assert "128" in line, line
+    assert not (tmp_path / "o").exists()
+
+
 # ---- 4: tokenizer larger than the vocab ---------------------------------------------------------------------------
 
 def test_vocab_size_below_the_tokenizer_refused(tmp_path, native):
