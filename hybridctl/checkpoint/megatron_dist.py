@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
-import pickletools
-import re
 import warnings
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +28,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner,
 from torch.distributed.checkpoint import metadata as dcp_meta
 
 from hybridctl.checkpoint import Source, TensorSpec
+from hybridctl.checkpoint.dcp_items import check_items, check_layout
 from hybridctl.checkpoint.io import atomic_dir, carry_tokenizer, write_json
 from hybridctl.checkpoint.megatron_args import args_from_config, padded_vocab
 from hybridctl.checkpoint.megatron_keys import (
@@ -91,92 +89,6 @@ def _check_storage(d: Path, md: dcp_meta.Metadata) -> None:
                                  f"{info.offset + info.length}); the checkpoint is incomplete")
 
 
-class _Slice(io.RawIOBase):
-    """A read-only, seekable window [start, start + length) of an open file (one DCP storage item), for zipfile."""
-
-    def __init__(self, f: Any, start: int, length: int) -> None:
-        super().__init__()
-        self._f, self._start, self._len, self._pos = f, start, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, off: int, whence: int = 0) -> int:
-        pos = {0: off, 1: self._pos + off, 2: self._len + off}[whence]
-        if pos < 0:
-            raise OSError("negative seek in a storage item")
-        self._pos = pos
-        return pos
-
-    def readinto(self, b: Any) -> int:
-        n = max(0, min(len(b), self._len - self._pos))
-        self._f.seek(self._start + self._pos)
-        data = self._f.read(n)
-        b[:len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-
-_DATA_RECORD = re.compile(r"^[^/]+/data/\d+$")
-
-
-def _stored_facts(f: Any, start: int, length: int) -> tuple[torch.dtype | None, int] | None:
-    """(the dtype a DCP tensor item's own ``torch.save`` header declares, its data bytes), read from the zip
-    directory and the tiny ``data.pkl`` only (its globals listed, never executed); None if not a torch.save zip
-    (DCP's own read then reports it)."""
-    try:
-        with zipfile.ZipFile(_Slice(f, start, length)) as z:
-            names = z.namelist()
-            pkl = next(n for n in names if n.endswith("/data.pkl"))
-            nbytes = sum(z.getinfo(n).file_size for n in names if _DATA_RECORD.match(n))
-            strings: list[str] = []
-            storage = explicit = None
-            for op, arg, _ in pickletools.genops(z.read(pkl)):
-                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
-                    strings.append(arg)
-                ref = arg if op.name == "GLOBAL" else " ".join(strings[-2:]) if op.name == "STACK_GLOBAL" else None
-                mod, _, name = (ref or "").partition(" ")
-                if mod == "torch" and name.endswith("Storage"):
-                    storage = torch.storage._get_dtype_from_pickle_storage_type(name)
-                elif mod == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-                    explicit = getattr(torch, name)  # _rebuild_tensor_v3 (dtypes without a legacy storage class)
-    except (zipfile.BadZipFile, StopIteration, ValueError, KeyError, OSError, EOFError):
-        return None
-    return explicit or storage, nbytes
-
-
-def _check_declared(d: Path, key: str, tmeta: dcp_meta.TensorStorageMetadata,
-                    items: list[tuple[dcp_meta.MetadataIndex, Any]]) -> None:
-    """The .metadata's dtype and sizes of ``key`` agree with what its storage items hold (DCP would copy the stored
-    values into the declared dtype: a float32 tensor declared float16 would be silently rounded)."""
-    declared = tmeta.properties.dtype
-    chunks = {tuple(c.offsets): c for c in tmeta.chunks}
-    for idx, info in items:
-        if info.transform_descriptors:  # a transformed (e.g. compressed) item: only DCP can decode it
-            continue
-        with (d / info.relative_path).open("rb") as f:
-            facts = _stored_facts(f, info.offset, info.length)
-        if facts is None:
-            continue
-        stored, nbytes = facts
-        if stored is not None and stored != declared:
-            raise HybridctlError(f"{d}: tensor {key!r}: the .metadata declares {str(declared)[6:]} but the data file "
-                                 f"stores {str(stored)[6:]}; the metadata contradicts the data (not reinterpreting "
-                                 "it)")
-        chunk = chunks.get(tuple(idx.offset or ()))
-        need = (chunk.sizes.numel() if chunk is not None else 0) * declared.itemsize
-        if nbytes < need:
-            raise HybridctlError(f"{d}: tensor {key!r}: the .metadata declares {tuple(chunk.sizes)} x "
-                                 f"{str(declared)[6:]} ({need} bytes) but the data file stores {nbytes} bytes; the "
-                                 "metadata contradicts the data")
-
-
 def read_common(d: Path, reader: SafeFileSystemReader, *, trust_pickle: bool) -> dict[str, Any]:
     """The non-tensor state: ``common.pt`` (wins, as in megatron-core) or the ``common_state`` DCP object."""
     if (d / COMMON_PT).is_file():
@@ -207,6 +119,8 @@ def open_dist(d: Path, *, root: Path | None, trust_pickle: bool = False) -> Sour
     common = read_common(d, reader, trust_pickle=trust_pickle)
     tensors = {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, dcp_meta.TensorStorageMetadata)
                and is_weight_key(k)}
+    for k, v in tensors.items():
+        check_layout(d, k, v, md.storage_data)
     mspecs: dict[str, TensorSpec] = {}
     parts: dict[str, list[str]] = {}
     for k, v in tensors.items():
@@ -235,7 +149,7 @@ def open_dist(d: Path, *, root: Path | None, trust_pickle: bool = False) -> Sour
         if missing:
             raise HybridctlError(f"{d}: missing tensor {missing[0]!r}")
         for k in want:
-            _check_declared(d, k, tensors[k], items.get(k, []))
+            check_items(d, k, tensors[k], items.get(k, []))
         _dcp_load(reader, want)
         return dist_merge(entry, want)
 
