@@ -346,6 +346,39 @@ def test_failed_train_removes_only_the_run_dir_it_created(tmp_path):
     assert (old / "keep.txt").read_text() == "mine"
 
 
+def test_build_out_checks_memory_before_allocating(tmp_path, monkeypatch):
+    """build --out of a model larger than the machine's RAM is refused up front (nothing allocated, nothing at
+    --out), with the figures and the override; --skip-memory-check overrides it."""
+    import hybridctl.build as b
+
+    def boom(*a, **k):
+        raise AssertionError("the model was allocated before the memory check")
+
+    monkeypatch.setattr(b, "available_memory", lambda: 2**30)  # 1 GiB free, whatever this machine has
+    monkeypatch.setattr("hybridctl.model.materialize", boom)
+    line = assert_one_line_error(cli("build", "--preset", "hybrid-8b", "--out", tmp_path / "big"), "RAM")
+    assert "GiB" in line and "1.0 GiB available" in line and "--skip-memory-check" in line
+    assert not (tmp_path / "big").exists()
+    assert b.build_memory(b.resolve_config(preset="hybrid-8b"), "bfloat16", "5GB") > 8e9 * 4
+    monkeypatch.undo()
+    monkeypatch.setattr(b, "available_memory", lambda: 1000)  # a tiny build: refused too, then overridden
+    assert_one_line_error(cli("build", "--out", tmp_path / "tiny"), "--skip-memory-check")
+    r = cli("build", "--out", tmp_path / "tiny", "--skip-memory-check")
+    assert r.exit_code == 0, r.output
+    open_checkpoint(tmp_path / "tiny")
+
+
+def test_build_out_checks_disk_before_writing(tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    line = assert_one_line_error(cli("build", "--out", tmp_path / "o"), "disk")
+    assert str(tmp_path) in line
+    assert not (tmp_path / "o").exists()
+
+
 # ---- 8: --version, version + device + dtype in --json -------------------------------------------------------------
 
 def test_version_and_json_facts(tmp_path, native):

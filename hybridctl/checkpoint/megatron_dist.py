@@ -224,7 +224,8 @@ def write_megatron_dist(out: str | Path, src: Source, *, overwrite: bool = False
     ``common.pt`` (args, iteration, checkpoint_version), DCP ``.metadata`` + ``__0_0.distcp`` holding the tensors
     under Megatron keys with global shapes (Mamba fused tensors split per component), the same common state as the
     ``common_state/shard_0_1`` object (megatron-core 0.19) and ``[None]`` for every ``_extra_state`` a
-    megatron-core HybridModel (TE or local spec) may ask for at default strictness, ``output_layer``'s included. The vocab is padded to a multiple of 128 (Megatron's default at TP 1; at TP k Megatron must
+    megatron-core HybridModel (TE or local spec) may ask for at default strictness, ``output_layer``'s included.
+    The vocab is padded to a multiple of 128 (Megatron's default at TP 1; at TP k Megatron must
     compute the same padded size, e.g. ``--make-vocab-size-divisible-by`` 128/k).
     """
     cfg = src.config

@@ -87,7 +87,8 @@ def _tconfig(c: dict, tp: int, pp: int):
               mamba_state_dim=c["d_state"], mamba_head_dim=c["headdim"], mamba_num_groups=c["ngroups"],
               mamba_num_heads=c.get("mamba_heads"), normalization="RMSNorm", layernorm_epsilon=1e-5,
               add_bias_linear=False, gated_linear_unit=c["act"] == "swiglu", tensor_model_parallel_size=tp,
-              pipeline_model_parallel_size=pp, params_dtype=torch.float32, pipeline_dtype=torch.float32, use_cpu_initialization=True,
+              pipeline_model_parallel_size=pp, params_dtype=torch.float32, pipeline_dtype=torch.float32,
+              use_cpu_initialization=True,
               perform_initialization=True, hidden_dropout=0.0, attention_dropout=0.0)
     if c["act"] == "swiglu":
         kw["activation_func"] = torch.nn.functional.silu
