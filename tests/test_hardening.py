@@ -86,6 +86,14 @@ def test_train_run_dir_may_not_contain_init_from(tmp_path):
     assert tree(src) == before
 
 
+def test_quantize_out_may_not_be_in_or_around_the_source(tmp_path):
+    src = make_native(tmp_path / "parent" / "src")
+    before = tree(src)
+    for out in (src, src / "sub", tmp_path / "parent"):
+        assert_one_line_error(cli("quantize", src, "--out", out, "--eval-data", "none"))
+    assert tree(src) == before and not (src / "sub").exists()
+
+
 # ---- 2: integer weights -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8])
@@ -199,6 +207,31 @@ def test_generate_prompt_ids_outside_the_model_vocab(tmp_path, native):
         generate(model, ["hi"], tokenizer=ByteTokenizer(), max_new_tokens=1)
 
 
+def test_checkpoint_whose_tokenizer_exceeds_its_vocab_refused_by_every_writer_and_generate(tmp_path):
+    """A checkpoint (vocab 200) carrying the byte tokenizer (259 ids): every writer and generate's prompt encoding
+    refuse it in one line, where generate used to die with 'internal error: IndexError'."""
+    import shutil
+
+    small = tmp_path / "v200"
+    save_model(materialize(build_model(tiny_config(vocab_size=200, d_model=64, pattern="M",
+                                                   mamba=dict(d_state=8, headdim=16, ngroups=2))), "cpu", seed=0),
+               small)
+    donor = make_native(tmp_path / "v300")
+    meta = json.loads((small / "config.json").read_text())
+    meta["tokenizer"] = json.loads((donor / "config.json").read_text())["tokenizer"]
+    (small / "config.json").write_text(json.dumps(meta))
+    for f in donor.iterdir():
+        if "tokenizer" in f.name:
+            shutil.copy(f, small / f.name)
+    before = tree(small)
+    for to in ("native", "hf", "megatron", "megatron-legacy"):
+        assert_one_line_error(cli("convert", small, "--to", to, "--out", tmp_path / "o"), "259")
+        assert not (tmp_path / "o").exists()
+    line = assert_one_line_error(cli("generate", small, "-p", "hi", "--max-new-tokens", "2", "--no-compile"))
+    assert "outside the model's vocabulary" in line and "IndexError" not in line
+    assert tree(small) == before
+
+
 # ---- 5: numbers ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -284,6 +317,38 @@ def test_bad_dcp_metadata_is_one_line_on_convert_and_resume(tmp_path, native):
     (out / "release" / ".metadata").write_bytes(b"\x80\x04garbage")
     assert_one_line_error(cli("convert", out, "--to", "native", "--out", tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+def test_bad_dcp_metadata_is_one_line_on_train_resume(tmp_path):
+    """train --resume meets a damaged .metadata (garbage, empty, a pickle payload, a flipped byte): one line each (DCP
+    logs its own traceback on the root logger; it must not reach the user), no payload run, the checkpoint as it
+    was."""
+    import pickle
+    import shutil
+
+    small = ["data.seq_len=32", "optim.micro_batch=1", "optim.global_batch=1", "optim.steps=2", "eval.batches=1",
+             "eval.interval=100", "checkpoint.interval=1", "checkpoint.export=false", "logging.progress=false"]
+    args = ["train", ROOT / "recipes" / "tiny.toml", "--device", "cpu", "--run-dir", tmp_path / "run"]
+    for x in small:
+        args += ["--set", x]
+    r = cli(*args, "--max-steps", "1")
+    assert r.exit_code == 0, r.output
+    good = next((tmp_path / "run").glob("checkpoints/step_*"))
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    flipped = bytearray((good / ".metadata").read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF
+    for i, damage in enumerate([b"\x80\x04garbage", b"", pickle.dumps(Payload()), bytes(flipped)]):
+        ckpt = tmp_path / f"bad{i}" / good.name
+        shutil.copytree(good, ckpt)
+        (ckpt / ".metadata").write_bytes(damage)
+        before = tree(ckpt)
+        assert_one_line_error(cli(*args, "--resume", ckpt))
+        assert not marker.exists() and tree(ckpt) == before
 
 
 def test_malformed_files_and_os_errors_name_the_file(tmp_path, native):
@@ -384,8 +449,10 @@ def test_build_out_checks_disk_before_writing(tmp_path, monkeypatch):
 def test_version_and_json_facts(tmp_path, native):
     r = cli("--version")
     assert r.exit_code == 0 and r.stdout.strip() == f"hybridctl {__version__}"
-    for args in (["build", "--json"], ["convert", native, "--to", "hf", "--dry-run", "--json"]):
+    for args in (["build", "--json"], ["convert", native, "--to", "hf", "--dry-run", "--json"],
+                 ["generate", native, "-p", "hi", "--max-new-tokens", "2", "--no-compile", "--json"],
+                 ["quantize", native, "--dry-run", "--eval-data", "none", "--json"]):
         r = cli(*args)
         assert r.exit_code == 0, r.output
         d = json.loads(r.stdout)
-        assert d["hybridctl_version"] == __version__ and d["device"] and d["dtype"] in ("float32", "bfloat16")
+        assert d["hybridctl_version"] == __version__ and d["device"] and d["dtype"] in ("float32", "bfloat16", "int8")
