@@ -402,3 +402,31 @@ def test_fuzz_generate_options(fixtures, opt, value):
                             "--seq-len", "--dtype", "--set"]), value=cli_text)
 def test_fuzz_build_options(fixtures, opt, value):
     check_contract(["build", "--json", opt, value], fixtures["native"], None)
+
+
+# ---- the fuzzer's own contract: bounded, seeded, the failing example printed -----------------------------------------
+def _fuzz_tests():
+    return {n: f for n, f in globals().items() if n.startswith("test_fuzz_") and callable(f)}
+
+
+def test_fuzzers_are_bounded_and_seeded():
+    """Every fuzz test runs a fixed, small set of examples (derandomize: the same on every run, no example database)
+    with no per-example deadline, so CI time is bounded and a failure reproduces."""
+    tests = _fuzz_tests()
+    assert len(tests) >= 14
+    for name, f in tests.items():
+        s = f._hypothesis_internal_use_settings
+        assert s.derandomize and s.database is None and s.max_examples <= 20 and s.deadline is None, name
+
+
+def test_a_failing_example_is_printed():
+    """hypothesis reports the falsifying example (and, with print_blob, how to reproduce it) on failure."""
+    @FUZZ
+    @given(n=st.integers(0, 100))
+    def prop(n):
+        assert n < 7
+
+    with pytest.raises(AssertionError) as e:
+        prop()
+    notes = "\n".join(getattr(e.value, "__notes__", []))
+    assert "n=7" in notes and "reproduce_failure" in notes, notes  # the minimal example and its replay blob

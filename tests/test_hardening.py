@@ -319,6 +319,15 @@ def test_bad_dcp_metadata_is_one_line_on_convert_and_resume(tmp_path, native):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("raw", [b"\x80\x02Nr\xff\xff\xff\x7f.",  # memo index 2**31: MemoryError
+                                 b"\x80\x02]q\x00(K\x01e\x8e\xff\xff\xff\xff\xff\xff\xff\x7f"])  # OverflowError
+def test_dcp_metadata_with_absurd_lengths_names_the_file(tmp_path, native, raw):
+    out = write_megatron_dist(tmp_path / "meg", open_checkpoint(native))
+    (out / "release" / ".metadata").write_bytes(raw)
+    line = assert_one_line_error(cli("convert", out, "--to", "native", "--out", tmp_path / "o"), ".metadata")
+    assert "MemoryError" not in line and "Overflow" not in line
+
+
 def test_bad_dcp_metadata_is_one_line_on_train_resume(tmp_path):
     """train --resume meets a damaged .metadata (garbage, empty, a pickle payload, a flipped byte): one line each (DCP
     logs its own traceback on the root logger; it must not reach the user), no payload run, the checkpoint as it
