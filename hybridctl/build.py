@@ -117,9 +117,9 @@ def check_build_resources(cfg: ModelConfig, dtype: str, out: Path, max_shard_siz
 def build(*, preset: str | None = None, pattern: str | None = None, layers: int | None = None,
           attention_ratio: float | None = None, mlp_ratio: float | None = None, overrides: list[str] | None = None,
           seed: int = 0, dtype: str = "float32", out: str | Path | None = None, tokenizer: str | None = "byte",
-          seq_len: int = 4096, max_shard_size: str = "5GB", check_resources: bool = True) -> BuildResult:
+          seq_len: int = 4096, max_shard_size: str = "5GB", skip_memory_check: bool = False) -> BuildResult:
     """Resolve the config and summarise it; with ``out``, write an initialised native checkpoint (with tokenizer),
-    after checking that the machine has the RAM and disk for it (``check_resources``)."""
+    after checking that the machine has the RAM and disk for it (unless ``skip_memory_check``)."""
     cfg = resolve_config(preset=preset, pattern=pattern, layers=layers, attention_ratio=attention_ratio,
                          mlp_ratio=mlp_ratio, overrides=overrides)
     dtype = canonical_dtype(dtype)
@@ -137,7 +137,7 @@ def build(*, preset: str | None = None, pattern: str | None = None, layers: int 
         if tok.vocab_size > cfg.vocab_size:
             raise HybridctlError(f"tokenizer has {tok.vocab_size} ids but vocab_size is {cfg.vocab_size}; "
                                  "raise vocab_size (--set vocab_size=N)")
-    if check_resources:
+    if not skip_memory_check:
         check_build_resources(cfg, dtype, Path(out), max_shard_size)
     model = materialize(build_model(cfg), "cpu", seed=seed)
     path = save_model(model, out, tokenizer=tok, dtype=torch_dtype(dtype), max_shard_size=max_shard_size)

@@ -274,7 +274,7 @@ def build(
     from hybridctl.build import build as run
 
     res = run(preset=preset, pattern=pattern, layers=layers, attention_ratio=attention_ratio, mlp_ratio=mlp_ratio,
-              overrides=set_, seed=seed, dtype=dtype, out=out, seq_len=seq_len, check_resources=not skip_memory_check)
+              overrides=set_, seed=seed, dtype=dtype, out=out, seq_len=seq_len, skip_memory_check=skip_memory_check)
     s = dict(res.summary, out=str(res.out) if res.out else None)
     if json_:
         return _print_json(s, device="cpu" if res.out else "meta", dtype=s["dtype"])
