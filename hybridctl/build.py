@@ -68,11 +68,58 @@ def summarize(cfg: ModelConfig, *, seq_len: int = 4096, dtype: str = "bfloat16")
     }
 
 
+def available_memory() -> int:
+    """Bytes of RAM a new allocation can get now: MemAvailable (Linux), else the free physical pages."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def build_memory(cfg: ModelConfig, dtype: str, max_shard_size: str | int) -> int:
+    """Peak bytes of ``build --out``: every parameter initialised in float32 on the CPU, plus one shard converted to
+    ``dtype`` while it is written."""
+    from hybridctl.checkpoint.io import parse_size
+    from hybridctl.model import param_counts
+
+    n = sum(param_counts(cfg).values())
+    return n * 4 + min(n * dtype_bytes(dtype), parse_size(max_shard_size))
+
+
+def check_build_resources(cfg: ModelConfig, dtype: str, out: Path, max_shard_size: str | int) -> None:
+    """Before allocating anything: refuse a build the machine cannot hold (RAM) or store (disk at ``out``)."""
+    import shutil
+
+    def gib(b: float) -> str:
+        return f"{b / 2**30:.1f} GiB"
+
+    need, avail = build_memory(cfg, dtype, max_shard_size), available_memory()
+    if need > avail:
+        raise HybridctlError(f"building this model needs about {gib(need)} of RAM (its parameters initialised in "
+                             f"float32), this machine has {gib(avail)} available; build a smaller model, or pass "
+                             "--skip-memory-check to try anyway")
+    from hybridctl.model import param_counts
+
+    disk = sum(param_counts(cfg).values()) * dtype_bytes(dtype)
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path.cwd())
+    free = shutil.disk_usage(parent).free
+    if disk > free:
+        raise HybridctlError(f"the checkpoint needs about {gib(disk)} of disk at {parent}, which has {gib(free)} free; "
+                             "choose another --out, or pass --skip-memory-check to try anyway")
+
+
 def build(*, preset: str | None = None, pattern: str | None = None, layers: int | None = None,
           attention_ratio: float | None = None, mlp_ratio: float | None = None, overrides: list[str] | None = None,
           seed: int = 0, dtype: str = "float32", out: str | Path | None = None, tokenizer: str | None = "byte",
-          seq_len: int = 4096, max_shard_size: str = "5GB") -> BuildResult:
-    """Resolve the config and summarise it; with ``out``, write an initialised native checkpoint (with tokenizer)."""
+          seq_len: int = 4096, max_shard_size: str = "5GB", skip_memory_check: bool = False) -> BuildResult:
+    """Resolve the config and summarise it; with ``out``, write an initialised native checkpoint (with tokenizer),
+    after checking that the machine has the RAM and disk for it (unless ``skip_memory_check``)."""
     cfg = resolve_config(preset=preset, pattern=pattern, layers=layers, attention_ratio=attention_ratio,
                          mlp_ratio=mlp_ratio, overrides=overrides)
     dtype = canonical_dtype(dtype)
@@ -90,6 +137,8 @@ def build(*, preset: str | None = None, pattern: str | None = None, layers: int 
         if tok.vocab_size > cfg.vocab_size:
             raise HybridctlError(f"tokenizer has {tok.vocab_size} ids but vocab_size is {cfg.vocab_size}; "
                                  "raise vocab_size (--set vocab_size=N)")
+    if not skip_memory_check:
+        check_build_resources(cfg, dtype, Path(out), max_shard_size)
     model = materialize(build_model(cfg), "cpu", seed=seed)
     path = save_model(model, out, tokenizer=tok, dtype=torch_dtype(dtype), max_shard_size=max_shard_size)
     log.info("wrote %s", path)

@@ -261,6 +261,8 @@ def build(
     dtype: DtypeOpt = "float32",
     out: OutOpt = None,
     seq_len: Annotated[int, typer.Option(help="Sequence length for FLOPs and KV memory figures.")] = 4096,
+    skip_memory_check: Annotated[bool, typer.Option(help="With --out: skip the RAM/disk check made before "
+                                                    "allocating the model.")] = False,
     json_: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -272,7 +274,7 @@ def build(
     from hybridctl.build import build as run
 
     res = run(preset=preset, pattern=pattern, layers=layers, attention_ratio=attention_ratio, mlp_ratio=mlp_ratio,
-              overrides=set_, seed=seed, dtype=dtype, out=out, seq_len=seq_len)
+              overrides=set_, seed=seed, dtype=dtype, out=out, seq_len=seq_len, skip_memory_check=skip_memory_check)
     s = dict(res.summary, out=str(res.out) if res.out else None)
     if json_:
         return _print_json(s, device="cpu" if res.out else "meta", dtype=s["dtype"])

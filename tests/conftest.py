@@ -59,6 +59,18 @@ SLOW_TESTS = {
     "test_generate.py::test_sampling_is_reproducible_with_a_seed",
     "test_hf.py::test_export_matches_transformers",
     "test_evaluation.py::test_greedy_forward_matches_generate",
+    "test_hardening.py::test_bad_dcp_metadata_is_one_line_on_train_resume",
+    # the megatron-core / mamba_ssm oracle launches (session fixtures, ~2-4 min in all) run with whichever comes first
+    "test_interop_megatron.py::test_readers_give_the_tensors_megatron_core_built",
+    "test_interop_megatron.py::test_megatron_core_metadata_holds_save_plan_and_is_read",
+    "test_interop_megatron.py::test_hostile_payload_inside_real_metadata_is_refused",
+    "test_interop_megatron.py::test_export_torch_dist_loads_in_megatron_core",
+    "test_interop_megatron.py::test_export_torch_dist_reshards_in_megatron_core",
+    "test_interop_megatron.py::test_export_legacy_tp_pp_loads_in_megatron_core",
+    "test_interop_megatron.py::test_legacy_export_carries_no_extra_state_megatron_core_lacks",
+    "test_interop_megatron.py::test_dry_run_on_megatron_fixtures_writes_nothing",
+    "test_interop_megatron.py::test_mamba_ssm_save_pretrained_imports_and_converts",
+    "test_interop_megatron.py::test_megatron_core_wide_mamba_dinner_not_multiple_of_hidden",
 }
 
 

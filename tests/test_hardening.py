@@ -86,6 +86,14 @@ def test_train_run_dir_may_not_contain_init_from(tmp_path):
     assert tree(src) == before
 
 
+def test_quantize_out_may_not_be_in_or_around_the_source(tmp_path):
+    src = make_native(tmp_path / "parent" / "src")
+    before = tree(src)
+    for out in (src, src / "sub", tmp_path / "parent"):
+        assert_one_line_error(cli("quantize", src, "--out", out, "--eval-data", "none"))
+    assert tree(src) == before and not (src / "sub").exists()
+
+
 # ---- 2: integer weights -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8])
@@ -142,6 +150,45 @@ def test_megatron_learned_absolute_without_tensor_refused(tmp_path, native):
     assert_one_line_error(cli("convert", out, "--to", "native", "--out", tmp_path / "o"), "learned_absolute")
 
 
+def _dist_metadata_edit(tmp_path: Path, native: Path, key: str, **changes) -> Path:
+    import dataclasses
+    import pickle
+
+    out = write_megatron_dist(tmp_path / "meg", open_checkpoint(native))
+    f = out / "release" / ".metadata"
+    md = pickle.loads(f.read_bytes())  # our own file, written a moment ago
+    tm = md.state_dict_metadata[key]
+    if "dtype" in changes:
+        tm.properties = dataclasses.replace(tm.properties, dtype=changes["dtype"])
+    if "size" in changes:
+        tm.size = torch.Size(changes["size"])
+        tm.chunks = [dataclasses.replace(c, sizes=torch.Size(changes["size"])) for c in tm.chunks]
+    f.write_bytes(pickle.dumps(md))
+    return out
+
+
+@pytest.mark.parametrize("key,dtype", [("decoder.final_norm.weight", torch.float16),
+                                       ("embedding.word_embeddings.weight", torch.bfloat16),
+                                       ("decoder.layers.2.mixer.in_proj.weight.x", torch.float64)])
+def test_dist_metadata_dtype_contradicting_the_data_refused(tmp_path, native, key, dtype):
+    """A torch_dist .metadata declaring a float32 tensor as float16 (DCP would copy the stored values into the
+    declared dtype, silently rounded) is refused, naming both sides."""
+    out = _dist_metadata_edit(tmp_path, native, key, dtype=dtype)
+    before = tree(out)
+    for to in ("native", "hf"):
+        line = assert_one_line_error(cli("convert", out, "--to", to, "--out", tmp_path / "o"), key)
+        assert f"declares {str(dtype)[6:]}" in line and "stores float32" in line, line
+        assert not (tmp_path / "o").exists()
+    assert tree(out) == before
+
+
+def test_dist_metadata_size_larger_than_the_data_refused(tmp_path, native):
+    out = _dist_metadata_edit(tmp_path, native, "decoder.final_norm.weight", size=[128])
+    line = assert_one_line_error(cli("convert", out, "--to", "native", "--out", tmp_path / "o"), "final_norm")
+    assert "128" in line, line
+    assert not (tmp_path / "o").exists()
+
+
 # ---- 4: tokenizer larger than the vocab ---------------------------------------------------------------------------
 
 def test_vocab_size_below_the_tokenizer_refused(tmp_path, native):
@@ -158,6 +205,31 @@ def test_generate_prompt_ids_outside_the_model_vocab(tmp_path, native):
                                                 mamba=dict(d_state=8, headdim=16, ngroups=2))), "cpu", seed=0)
     with pytest.raises(HybridctlError, match="outside the model's vocabulary"):
         generate(model, ["hi"], tokenizer=ByteTokenizer(), max_new_tokens=1)
+
+
+def test_checkpoint_whose_tokenizer_exceeds_its_vocab_refused_by_every_writer_and_generate(tmp_path):
+    """A checkpoint (vocab 200) carrying the byte tokenizer (259 ids): every writer and generate's prompt encoding
+    refuse it in one line, where generate used to die with 'internal error: IndexError'."""
+    import shutil
+
+    small = tmp_path / "v200"
+    save_model(materialize(build_model(tiny_config(vocab_size=200, d_model=64, pattern="M",
+                                                   mamba=dict(d_state=8, headdim=16, ngroups=2))), "cpu", seed=0),
+               small)
+    donor = make_native(tmp_path / "v300")
+    meta = json.loads((small / "config.json").read_text())
+    meta["tokenizer"] = json.loads((donor / "config.json").read_text())["tokenizer"]
+    (small / "config.json").write_text(json.dumps(meta))
+    for f in donor.iterdir():
+        if "tokenizer" in f.name:
+            shutil.copy(f, small / f.name)
+    before = tree(small)
+    for to in ("native", "hf", "megatron", "megatron-legacy"):
+        assert_one_line_error(cli("convert", small, "--to", to, "--out", tmp_path / "o"), "259")
+        assert not (tmp_path / "o").exists()
+    line = assert_one_line_error(cli("generate", small, "-p", "hi", "--max-new-tokens", "2", "--no-compile"))
+    assert "outside the model's vocabulary" in line and "IndexError" not in line
+    assert tree(small) == before
 
 
 # ---- 5: numbers ---------------------------------------------------------------------------------------------------
@@ -247,6 +319,47 @@ def test_bad_dcp_metadata_is_one_line_on_convert_and_resume(tmp_path, native):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("raw", [b"\x80\x02Nr\xff\xff\xff\x7f.",  # memo index 2**31: MemoryError
+                                 b"\x80\x02]q\x00(K\x01e\x8e\xff\xff\xff\xff\xff\xff\xff\x7f"])  # OverflowError
+def test_dcp_metadata_with_absurd_lengths_names_the_file(tmp_path, native, raw):
+    out = write_megatron_dist(tmp_path / "meg", open_checkpoint(native))
+    (out / "release" / ".metadata").write_bytes(raw)
+    line = assert_one_line_error(cli("convert", out, "--to", "native", "--out", tmp_path / "o"), ".metadata")
+    assert "MemoryError" not in line and "Overflow" not in line
+
+
+def test_bad_dcp_metadata_is_one_line_on_train_resume(tmp_path):
+    """train --resume meets a damaged .metadata (garbage, empty, a pickle payload, a flipped byte): one line each (DCP
+    logs its own traceback on the root logger; it must not reach the user), no payload run, the checkpoint as it
+    was."""
+    import pickle
+    import shutil
+
+    small = ["data.seq_len=32", "optim.micro_batch=1", "optim.global_batch=1", "optim.steps=2", "eval.batches=1",
+             "eval.interval=100", "checkpoint.interval=1", "checkpoint.export=false", "logging.progress=false"]
+    args = ["train", ROOT / "recipes" / "tiny.toml", "--device", "cpu", "--run-dir", tmp_path / "run"]
+    for x in small:
+        args += ["--set", x]
+    r = cli(*args, "--max-steps", "1")
+    assert r.exit_code == 0, r.output
+    good = next((tmp_path / "run").glob("checkpoints/step_*"))
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    flipped = bytearray((good / ".metadata").read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF
+    for i, damage in enumerate([b"\x80\x04garbage", b"", pickle.dumps(Payload()), bytes(flipped)]):
+        ckpt = tmp_path / f"bad{i}" / good.name
+        shutil.copytree(good, ckpt)
+        (ckpt / ".metadata").write_bytes(damage)
+        before = tree(ckpt)
+        assert_one_line_error(cli(*args, "--resume", ckpt))
+        assert not marker.exists() and tree(ckpt) == before
+
+
 def test_malformed_files_and_os_errors_name_the_file(tmp_path, native):
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -307,13 +420,48 @@ def test_failed_train_removes_only_the_run_dir_it_created(tmp_path):
     assert (old / "keep.txt").read_text() == "mine"
 
 
+def test_build_out_checks_memory_before_allocating(tmp_path, monkeypatch):
+    """build --out of a model larger than the machine's RAM is refused up front (nothing allocated, nothing at
+    --out), with the figures and the override; --skip-memory-check overrides it."""
+    import hybridctl.build as b
+
+    def boom(*a, **k):
+        raise AssertionError("the model was allocated before the memory check")
+
+    monkeypatch.setattr(b, "available_memory", lambda: 2**30)  # 1 GiB free, whatever this machine has
+    monkeypatch.setattr("hybridctl.model.materialize", boom)
+    line = assert_one_line_error(cli("build", "--preset", "hybrid-8b", "--out", tmp_path / "big"), "RAM")
+    assert "GiB" in line and "1.0 GiB available" in line and "--skip-memory-check" in line
+    assert not (tmp_path / "big").exists()
+    assert b.build_memory(b.resolve_config(preset="hybrid-8b"), "bfloat16", "5GB") > 8e9 * 4
+    monkeypatch.undo()
+    monkeypatch.setattr(b, "available_memory", lambda: 1000)  # a tiny build: refused too, then overridden
+    assert_one_line_error(cli("build", "--out", tmp_path / "tiny"), "--skip-memory-check")
+    r = cli("build", "--out", tmp_path / "tiny", "--skip-memory-check")
+    assert r.exit_code == 0, r.output
+    open_checkpoint(tmp_path / "tiny")
+
+
+def test_build_out_checks_disk_before_writing(tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    line = assert_one_line_error(cli("build", "--out", tmp_path / "o"), "disk")
+    assert str(tmp_path) in line
+    assert not (tmp_path / "o").exists()
+
+
 # ---- 8: --version, version + device + dtype in --json -------------------------------------------------------------
 
 def test_version_and_json_facts(tmp_path, native):
     r = cli("--version")
     assert r.exit_code == 0 and r.stdout.strip() == f"hybridctl {__version__}"
-    for args in (["build", "--json"], ["convert", native, "--to", "hf", "--dry-run", "--json"]):
+    for args in (["build", "--json"], ["convert", native, "--to", "hf", "--dry-run", "--json"],
+                 ["generate", native, "-p", "hi", "--max-new-tokens", "2", "--no-compile", "--json"],
+                 ["quantize", native, "--dry-run", "--eval-data", "none", "--json"]):
         r = cli(*args)
         assert r.exit_code == 0, r.output
         d = json.loads(r.stdout)
-        assert d["hybridctl_version"] == __version__ and d["device"] and d["dtype"] in ("float32", "bfloat16")
+        assert d["hybridctl_version"] == __version__ and d["device"] and d["dtype"] in ("float32", "bfloat16", "int8")

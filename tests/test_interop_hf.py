@@ -25,7 +25,12 @@ from hybridctl.cli import app
 from hybridctl.config import HybridctlError
 from hybridctl.convert import convert
 
-transformers = pytest.importorskip("transformers")  # a dev dependency: present in CI
+try:
+    import transformers  # a dev dependency: the producer of these fixtures
+except ImportError:  # in CI a missing producer fails the run instead of skipping it
+    if __import__("os").environ.get("CI") == "true":
+        raise
+    transformers = pytest.importorskip("transformers")
 
 PROMPT = [5, 17, 42, 3, 99, 7, 64, 12]
 NEW = 4

@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint import metadata as dcp_meta
 
+from hybridctl.checkpoint.dcp_items import check_items, check_layout
 from hybridctl.checkpoint.io import atomic_dir, carry_tokenizer, write_json
 from hybridctl.checkpoint.megatron_args import args_from_config, padded_vocab
 from hybridctl.checkpoint.megatron_keys import (
@@ -118,6 +119,8 @@ def open_dist(d: Path, *, root: Path | None, trust_pickle: bool = False) -> Sour
     common = read_common(d, reader, trust_pickle=trust_pickle)
     tensors = {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, dcp_meta.TensorStorageMetadata)
                and is_weight_key(k)}
+    for k, v in tensors.items():
+        check_layout(d, k, v, md.storage_data)
     mspecs: dict[str, TensorSpec] = {}
     parts: dict[str, list[str]] = {}
     for k, v in tensors.items():
@@ -133,6 +136,10 @@ def open_dist(d: Path, *, root: Path | None, trust_pickle: bool = False) -> Sour
         first = tensors[ks[0]]
         rows = sum(tensors[k].size[0] for k in ks)
         mspecs[base] = ((rows, *tuple(first.size)[1:]), first.properties.dtype)
+    items: dict[str, list[tuple[dcp_meta.MetadataIndex, Any]]] = {}
+    for idx, info in md.storage_data.items():
+        if idx.fqn in tensors:
+            items.setdefault(idx.fqn, []).append((idx, info))
 
     def mget(key: str, split: Split | None) -> torch.Tensor:
         entry = Entry(key, (), mspecs[key][0], split,
@@ -141,6 +148,8 @@ def open_dist(d: Path, *, root: Path | None, trust_pickle: bool = False) -> Sour
         missing = [k for k in want if k not in tensors]
         if missing:
             raise HybridctlError(f"{d}: missing tensor {missing[0]!r}")
+        for k in want:
+            check_items(d, k, tensors[k], items.get(k, []))
         _dcp_load(reader, want)
         return dist_merge(entry, want)
 
@@ -215,7 +224,8 @@ def write_megatron_dist(out: str | Path, src: Source, *, overwrite: bool = False
     ``common.pt`` (args, iteration, checkpoint_version), DCP ``.metadata`` + ``__0_0.distcp`` holding the tensors
     under Megatron keys with global shapes (Mamba fused tensors split per component), the same common state as the
     ``common_state/shard_0_1`` object (megatron-core 0.19) and ``[None]`` for every ``_extra_state`` a
-    megatron-core HybridModel (TE or local spec) may ask for at default strictness, ``output_layer``'s included. The vocab is padded to a multiple of 128 (Megatron's default at TP 1; at TP k Megatron must
+    megatron-core HybridModel (TE or local spec) may ask for at default strictness, ``output_layer``'s included.
+    The vocab is padded to a multiple of 128 (Megatron's default at TP 1; at TP k Megatron must
     compute the same padded size, e.g. ``--make-vocab-size-divisible-by`` 128/k).
     """
     cfg = src.config

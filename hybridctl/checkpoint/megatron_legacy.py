@@ -158,7 +158,9 @@ def _stage_entries(cfg, stage: int, pp: int, padded: int, style: str) -> tuple[l
     extra: list[str] = []
     for i in range(lo, lo + per):
         entries += layer_entries(cfg, i, style)
-        extra += extra_state_keys(cfg, i)
+        # no megatron-core spec has extra state on the Mamba gated norm (mamba_ssm's RMSNormGated): a strict
+        # load_state_dict would reject the key as unexpected (torch_dist ignores it; legacy may not carry it)
+        extra += [k for k in extra_state_keys(cfg, i) if not k.endswith(".mixer.norm._extra_state")]
     if stage == pp - 1:
         entries += head_entries(cfg, padded, tied_copy=pp > 1)
         extra.append(f"output_layer.{EXTRA_STATE}")  # megatron-core's ColumnParallelLinear has extra state, tied too

@@ -175,6 +175,8 @@ def restricted_pickle_load(f: BinaryIO, allowed: dict[str, Any], *, where: str) 
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
         raise HybridctlError(f"{where}: unreadable or truncated pickle ({_short(e)})") from None
+    except (MemoryError, OverflowError):  # a corrupt length or memo index asks for an absurd allocation
+        raise HybridctlError(f"{where}: corrupt pickle (a length or index in it is out of range)") from None
 
 
 # ---- torch.distributed.checkpoint without unpickling untrusted data ----------------------------------------------

@@ -1,22 +1,28 @@
 """megatron-core 0.19 as a test oracle (run with the oracle venv's python, never imported by the test process).
 
-Subcommands (each prints one JSON line on success):
+``batch JOBS_JSON RESULT_JSON``: one launch for a whole list of jobs. ``max(tp·pp)`` gloo processes are spawned once
+(importing megatron-core costs seconds per process, so they are reused); for each job every process re-initialises
+megatron-core's model parallelism at the job's TP/PP (the processes beyond tp·pp are data-parallel replicas, which
+compute the same and write nothing). Jobs (each a JSON object with ``kind``, ``case`` and paths):
 
-* ``write OUT CASES_JSON``: for every case, build a tiny ``HybridModel`` (local, non-TE spec whose sharded keys equal
-  the TE spec's), save it with megatron-core's own ``dist_checkpointing.save`` (training-like common state: args
-  Namespace with megatron enums, rng state, optimizer state) under ``OUT/<case>/dist/iter_0000010``, dump its full
-  state dict to ``OUT/<case>/model.safetensors``, then reshard: in tp·pp gloo processes load that TP1 checkpoint into
-  TP/PP models and write legacy per-rank ``model_optim_rng.pt`` files under ``OUT/<case>/legacy_tp{T}_pp{P}``
-  (with each rank's state dict also dumped as ``rank_{tp}_{pp}.safetensors``).
-* ``load-dist CKPT CASE_JSON TP PP DUMP``: load a torch_dist checkpoint (default strictness, what Megatron-LM uses to
-  resume) into TP/PP models and dump every rank's state dict to ``DUMP/rank_{tp}_{pp}.safetensors``.
-* ``load-legacy CKPT CASE_JSON TP PP DUMP``: ``load_state_dict(strict=True)`` each rank file of a legacy checkpoint
-  into its rank's model, dump likewise.
+* ``write`` (``out``): build a tiny ``HybridModel`` (local, non-TE spec whose sharded keys equal the TE spec's), save
+  it with megatron-core's own ``dist_checkpointing.save`` (training-like common state: args Namespace with megatron
+  enums, rng state, optimizer state) under ``out/dist/iter_0000010``, dump its full state dict to
+  ``out/model.safetensors``, and write the legacy TP1 file ``out/legacy_tp1_pp1``.
+* ``reshard`` (``ckpt``, ``dump``, ``tp``, ``pp``): load that TP1 checkpoint into TP/PP models and write legacy
+  per-rank ``model_optim_rng.pt`` files under ``dump`` (each rank's state dict also as ``rank_{tp}_{pp}.safetensors``).
+* ``load-dist`` (``ckpt``, ``dump``, ``tp``, ``pp``): load a torch_dist checkpoint (default strictness, what
+  Megatron-LM uses to resume) into TP/PP models and dump every rank's state dict to ``dump/rank_{tp}_{pp}.safetensors``.
+* ``load-legacy`` (same): load each rank file of a legacy checkpoint into its rank's model (see ``_legacy_load``),
+  dump likewise.
+
+RESULT_JSON gets ``{job index: "ok" | error}``; a failed job does not stop the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -33,16 +39,6 @@ def _patch_cpu() -> None:
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     hybrid_block.TENorm = WrappedTorchNorm
-
-
-def _init(rank: int, world: int, tp: int, pp: int, pg_file: str) -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
-
-    dist.init_process_group("gloo", init_method=f"file://{pg_file}", rank=rank, world_size=world)
-    parallel_state.initialize_model_parallel(tp, pp)
-    tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
 
 
 def _spec():
@@ -91,7 +87,8 @@ def _tconfig(c: dict, tp: int, pp: int):
               mamba_state_dim=c["d_state"], mamba_head_dim=c["headdim"], mamba_num_groups=c["ngroups"],
               mamba_num_heads=c.get("mamba_heads"), normalization="RMSNorm", layernorm_epsilon=1e-5,
               add_bias_linear=False, gated_linear_unit=c["act"] == "swiglu", tensor_model_parallel_size=tp,
-              pipeline_model_parallel_size=pp, params_dtype=torch.float32, pipeline_dtype=torch.float32, use_cpu_initialization=True,
+              pipeline_model_parallel_size=pp, params_dtype=torch.float32, pipeline_dtype=torch.float32,
+              use_cpu_initialization=True,
               perform_initialization=True, hidden_dropout=0.0, attention_dropout=0.0)
     if c["act"] == "swiglu":
         kw["activation_func"] = torch.nn.functional.silu
@@ -175,18 +172,29 @@ def _save_dist(model, c: dict, d: Path) -> None:
              "args": _args(c, 1, 1), "checkpoint_version": 3.0, "iteration": 10, "rng_state": _rng_state(),
              "num_floating_point_operations_so_far": 0}
     # megatron-LM flattens the model's sharded_state_dict under "model"; keys are the ShardedTensor keys
-    d.mkdir(parents=True)
     dist_checkpointing.save(state, str(d))
 
 
-def _write_case(out: Path, name: str, c: dict) -> None:
+def _rank_dirs(t: int, p: int, pp: int) -> str:
+    return f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
+
+
+def _job_write(job: dict, rank: int) -> None:
+    import torch.distributed as dist
+
+    c, out = job["case"], Path(job["out"])
     m = _model(c, 1, 1)
     _randomize(m, c.get("seed", 0))
-    root = out / name / "dist"
-    _save_dist(m, c, root / "iter_0000010")
+    root = out / "dist"
+    if rank == 0:
+        (root / "iter_0000010").mkdir(parents=True)
+    dist.barrier()
+    _save_dist(m, c, root / "iter_0000010")  # collective: the data-parallel replicas share the writing
+    if rank != 0:
+        return
     (root / "latest_checkpointed_iteration.txt").write_text("10")
-    _dump(m, out / name / "model.safetensors")
-    leg = out / name / "legacy_tp1_pp1"
+    _dump(m, out / "model.safetensors")
+    leg = out / "legacy_tp1_pp1"
     f = leg / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt"
     f.parent.mkdir(parents=True)
     torch.save({"args": _args(c, 1, 1), "checkpoint_version": 3.0, "iteration": 10,
@@ -195,134 +203,123 @@ def _write_case(out: Path, name: str, c: dict) -> None:
     _dump(m, leg / "rank_0_0.safetensors")
 
 
-def _rank_main(rank: int, world: int, tp: int, pp: int, pg: str, job: dict) -> None:
-    _patch_cpu()
-    _init(rank, world, tp, pp, pg)
+def _job_load(job: dict, rank: int) -> None:
     from megatron.core import dist_checkpointing, parallel_state
 
-    c, kind, ckpt, dump = job["case"], job["kind"], Path(job["ckpt"]), Path(job["dump"])
+    kind, c, tp, pp = job["kind"], job["case"], job["tp"], job["pp"]
+    ckpt, dump = Path(job["ckpt"]), Path(job["dump"])
     t, p = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
-    if kind == "load-dist":  # build the model the checkpoint's args describe (Megatron-LM recomputes the padding)
-        c = {**c, "padded_vocab": dist_checkpointing.load_common_state_dict(str(ckpt))["args"].padded_vocab_size}
-    m = _model(c, tp, pp)
-    rank_dir = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
-    loaded = dist_checkpointing.load({"model": m.sharded_state_dict(prefix="")}, str(ckpt))  # default strictness
-    m.load_state_dict(loaded["model"])  # strict=True
-    if kind == "reshard":
-        f = dump / "iter_0000010" / rank_dir / "model_optim_rng.pt"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"args": _args(c, tp, pp), "checkpoint_version": 3.0, "iteration": 10,
-                    "model": m.state_dict_for_save_checkpoint(), "rng_state": _rng_state()}, f)
-        if rank == 0:
-            (dump / "latest_checkpointed_iteration.txt").write_text("10")
-    dump.mkdir(parents=True, exist_ok=True)
-    _dump(m, dump / f"rank_{t}_{p}.safetensors")
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
+    writer = parallel_state.get_data_parallel_rank() == 0
+    if kind == "load-legacy":
+        it = (ckpt / "latest_checkpointed_iteration.txt").read_text().strip()
+        it_dir = ckpt / ("release" if it == "release" else f"iter_{int(it):07d}")
+        obj = torch.load(it_dir / _rank_dirs(t, p, pp) / "model_optim_rng.pt", map_location="cpu",
+                         weights_only=False)  # written by hybridctl (the file under test)
+        m = _model({**c, "padded_vocab": obj["args"].padded_vocab_size}, tp, pp)
+        _legacy_load(m, obj)
+    else:
+        if kind == "load-dist":
+            tracker = ckpt / "latest_checkpointed_iteration.txt"
+            if tracker.is_file():
+                it = tracker.read_text().strip()
+                ckpt = ckpt / ("release" if it == "release" else f"iter_{int(it):07d}")
+            # build the model the checkpoint's args describe (Megatron-LM recomputes the padding)
+            c = {**c, "padded_vocab": dist_checkpointing.load_common_state_dict(str(ckpt))["args"].padded_vocab_size}
+        m = _model(c, tp, pp)
+        loaded = dist_checkpointing.load({"model": m.sharded_state_dict(prefix="")}, str(ckpt))  # default strictness
+        m.load_state_dict(loaded["model"])  # strict=True
+        if kind == "reshard" and writer:
+            f = dump / "iter_0000010" / _rank_dirs(t, p, pp) / "model_optim_rng.pt"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"args": _args(c, tp, pp), "checkpoint_version": 3.0, "iteration": 10,
+                        "model": m.state_dict_for_save_checkpoint(), "rng_state": _rng_state()}, f)
+            if rank == 0:
+                (dump / "latest_checkpointed_iteration.txt").write_text("10")
+    if writer:
+        dump.mkdir(parents=True, exist_ok=True)
+        _dump(m, dump / f"rank_{t}_{p}.safetensors")
 
 
 # The local spec keeps its norms as separate modules; a TE-spec model (what hybridctl's legacy files are written for)
 # fuses them into the next linear. Same map as the spec's sharded_state_dict_keys_map, applied to plain keys.
 _TE_TO_LOCAL = {"mixer.in_proj.layer_norm_": "norm.", "self_attention.linear_qkv.layer_norm_": "input_layernorm.",
                 "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
-_TE_ONLY_EXTRA = ("core_attention._extra_state", "mixer.norm._extra_state")
+# Extra state of the one module only a TE-spec model has: TE's core attention (TEDotProductAttention keeps FP8
+# metadata there; the local DotProductAttention has none). A legacy file written for the TE spec carries it.
+_TE_ONLY_EXTRA = ("self_attention.core_attention._extra_state",)
 
 
 def _legacy_load(m, obj: dict) -> None:
-    # Megatron-LM loads legacy files with strict=True. After renaming the TE-fused norm keys to the local spec's
-    # modules, nothing may be missing and nothing unexpected but the extra state of TE-only modules.
+    """Megatron-LM loads legacy files with ``load_state_dict(strict=True)``. The oracle's model uses the local spec
+    (TE needs CUDA), so the file's TE-fused norm keys are renamed to the local modules first; then nothing may be
+    missing, and nothing may be unexpected but the ``_extra_state`` of TE's core attention (a ``None``
+    placeholder; the local spec has no such module). The loaded values are then compared tensor for tensor."""
     sd = {}
     for k, v in obj["model"].items():
         for te, local in _TE_TO_LOCAL.items():
             if f".{te}" in k:
                 k = k.replace(f".{te}", f".{local}")
         sd[k] = v
+    extra = [k for k in sd if k.endswith(_TE_ONLY_EXTRA)]
+    if any(sd[k] is not None and not isinstance(sd[k], io.BytesIO) for k in extra):
+        raise SystemExit(f"TE-only extra state holds a tensor: {extra}")
     res = m.load_state_dict(sd, strict=False)
     unexpected = [k for k in res.unexpected_keys if not k.endswith(_TE_ONLY_EXTRA)]
     if res.missing_keys or unexpected:
         raise SystemExit(f"strict load failed: missing {res.missing_keys}, unexpected {unexpected}")
 
 
-def _spawn(job: dict, tp: int, pp: int, tmp: Path) -> None:
-    """One spawned process per rank (forking after megatron-core's save leaves workers that deadlock)."""
-    import torch.multiprocessing as mp
+def _reinit(tp: int, pp: int) -> None:
+    from megatron.core import parallel_state, tensor_parallel
 
-    world = tp * pp
-    pg = tmp / f"pg_{os.getpid()}_{job['kind']}_{tp}_{pp}"
-    if pg.exists():
-        pg.unlink()
-    mp.spawn(_rank_entry, args=(world, tp, pp, str(pg), job), nprocs=world, join=True)
-
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tp, pp)
+    tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
 
 
+def _batch_entry(rank: int, world: int, pg: str, jobs: list, result: str) -> None:
+    import traceback
 
-
-def _rank_entry(rank: int, world: int, tp: int, pp: int, pg: str, job: dict) -> None:
-    if job["kind"] == "load-legacy":
-        _patch_cpu()
-        _init(rank, world, tp, pp, pg)
-        from megatron.core import parallel_state
-
-        t, p = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
-        ckpt, dump = Path(job["ckpt"]), Path(job["dump"])
-        it = (ckpt / "latest_checkpointed_iteration.txt").read_text().strip()
-        it_dir = ckpt / ("release" if it == "release" else f"iter_{int(it):07d}")
-        f = it_dir / (f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")) / "model_optim_rng.pt"
-        obj = torch.load(f, map_location="cpu", weights_only=False)  # written by hybridctl (the file under test)
-        m = _model({**job["case"], "padded_vocab": obj["args"].padded_vocab_size}, tp, pp)
-        _legacy_load(m, obj)
-        dump.mkdir(parents=True, exist_ok=True)
-        _dump(m, dump / f"rank_{t}_{p}.safetensors")
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
-        return
-    _rank_main(rank, world, tp, pp, pg, job)
-
-
-def main(argv: list[str]) -> None:
-    cmd = argv[0]
-    if cmd == "write":
-        out, cases = Path(argv[1]), json.loads(Path(argv[2]).read_text())
-        out.mkdir(parents=True, exist_ok=True)
-        _spawn_write(out, cases)
-        for name, c in cases.items():
-            for tp, pp in c.get("legacy", []):
-                job = {"kind": "reshard", "case": c, "ckpt": str(out / name / "dist" / "iter_0000010"),
-                       "dump": str(out / name / f"legacy_tp{tp}_pp{pp}")}
-                _spawn(job, tp, pp, out)
-        print(json.dumps({"ok": True, "cases": list(cases)}))
-    elif cmd in ("load-dist", "load-legacy"):
-        ckpt, c, tp, pp, dump = Path(argv[1]), json.loads(Path(argv[2]).read_text()), int(argv[3]), \
-            int(argv[4]), Path(argv[5])
-        if cmd == "load-dist":
-            it = (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() \
-                if (ckpt / "latest_checkpointed_iteration.txt").is_file() else None
-            if it is not None:
-                ckpt = ckpt / ("release" if it == "release" else f"iter_{int(it):07d}")
-        _spawn({"kind": cmd, "case": c, "ckpt": str(ckpt), "dump": str(dump)}, tp, pp, dump.parent)
-        print(json.dumps({"ok": True}))
-    else:
-        raise SystemExit(f"unknown command {cmd!r}")
-
-
-def _spawn_write(out: Path, cases: dict) -> None:
-    import torch.multiprocessing as mp
-
-    mp.spawn(_write_entry, args=(str(out), cases, str(out / "pg_write")), nprocs=1, join=True)
-
-
-def _write_entry(rank: int, out: str, cases: dict, pg: str) -> None:
     import torch.distributed as dist
 
     _patch_cpu()
-    _init(0, 1, 1, 1, pg)
-    for name, c in cases.items():
-        _write_case(Path(out), name, c)
+    dist.init_process_group("gloo", init_method=f"file://{pg}", rank=rank, world_size=world)
+    status = {}
+    for i, job in enumerate(jobs):
+        tp, pp = (1, 1) if job["kind"] == "write" else (job["tp"], job["pp"])
+        try:
+            _reinit(tp, pp)
+            (_job_write if job["kind"] == "write" else _job_load)(job, rank)
+            status[i] = "ok"
+        except BaseException as e:  # one failed job must not stop the batch; report it
+            status[i] = f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
+        dist.barrier()
+    Path(f"{result}.rank{rank}").write_text(json.dumps(status))
+    dist.barrier()
     dist.destroy_process_group()
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] != ["batch"] or len(argv) != 3:
+        raise SystemExit("usage: megatron_oracle.py batch JOBS_JSON RESULT_JSON")
+    import torch.multiprocessing as mp
+
+    jobs, result = json.loads(Path(argv[1]).read_text()), Path(argv[2])
+    world = max([1] + [j["tp"] * j["pp"] for j in jobs if j["kind"] != "write"])
+    pg = result.parent / f"pg_{os.getpid()}"
+    if pg.exists():
+        pg.unlink()
+    # spawned, not forked (forking after megatron-core's save leaves workers that deadlock)
+    mp.spawn(_batch_entry, args=(world, str(pg), jobs, str(result)), nprocs=world, join=True)
+    merged: dict[str, str] = {str(i): "ok" for i in range(len(jobs))}
+    for r in range(world):
+        for i, v in json.loads(Path(f"{result}.rank{r}").read_text()).items():
+            if v != "ok" and merged[i] == "ok":
+                merged[i] = v
+    result.write_text(json.dumps(merged))
+    print(json.dumps({"ok": all(v == "ok" for v in merged.values()), "jobs": len(jobs)}))
 
 
 if __name__ == "__main__":
