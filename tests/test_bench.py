@@ -47,7 +47,7 @@ def test_sweep_task_scores_through_exact_match_and_rows_are_well_formed(tiny):
     assert wrong[0]["accuracy"] == 0.0
 
 
-def test_sweep_task_on_the_runtime_gives_an_accuracy(tiny):
+def test_sweep_task_on_the_runtime_gives_an_accuracy(tiny, one_thread):
     from hybridctl.task_eval import sweep_task
 
     tok = ByteTokenizer()
@@ -112,3 +112,169 @@ def test_plots_refuse_empty_input_in_one_line(tmp_path):
     with pytest.raises(HybridctlError, match="no measured rows"):
         decode_vs_context([r for r in _speed_rows() if r["status"] == "oom"], tmp_path / "b.png")
     assert not list(tmp_path.iterdir())
+
+
+# ---- speed rows, ratios, OOM, schema --------------------------------------------------------------------------------
+
+from typer.testing import CliRunner  # noqa: E402
+
+runner = CliRunner()
+SMALL = dict(batch=[1, 2], prompt_len=[12], new_tokens=4, reps=2, warmup=0, bandwidth_gbps=10.0)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from hybridctl.build import build
+
+    out = tmp_path_factory.mktemp("bench") / "tiny-ckpt"
+    build(preset="tiny", out=out, seed=1)
+    return out
+
+
+def cli(*args):
+    from hybridctl.cli import app
+
+    return runner.invoke(app, ["bench", *map(str, args)])
+
+
+def one_line_error(r, match):
+    assert r.exit_code != 0, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hybridctl: error: ") and match in lines[0], r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_speed_rows_on_a_checkpoint_and_a_preset_with_ratios_to_the_baseline(ckpt, one_thread):
+    from hybridctl.bench import bench
+    from hybridctl.bench_report import format_report, validate
+    from hybridctl.model import decode_bytes_per_step
+
+    res = bench(checkpoints=[ckpt], presets=["tiny"], **SMALL)
+    assert [m["name"] for m in res["models"]] == ["tiny-ckpt", "tiny"] and res["models"][0]["baseline"]
+    rows = res["speed"]
+    assert [(r["model"], r["batch"]) for r in rows] == [("tiny-ckpt", 1), ("tiny-ckpt", 2), ("tiny", 1), ("tiny", 2)]
+    base = {r["batch"]: r for r in rows if r["model"] == "tiny-ckpt"}
+    for r in rows:
+        assert r["status"] == "ok" and r["error"] is None
+        d = r["decode_tokens_per_s"]
+        assert len(d["reps"]) == 2 and d["mean"] > 0 and d["std"] >= 0
+        assert r["decode_steps"] == 3 and r["plan"]["batch"] == r["batch"] and r["plan"]["mode"].startswith("cpu")
+        assert r["step_time_s"]["p50"] <= r["step_time_s"]["p99"]
+        assert r["ttft_s"]["mean"] > 0 and r["prefill_tokens_per_s"]["mean"] > 0 and r["peak_memory_bytes"] > 0
+        b = base[r["batch"]]
+        assert r["ratio_to_baseline"]["decode"] == pytest.approx(d["mean"] / b["decode_tokens_per_s"]["mean"])
+        want = decode_bytes_per_step(materialize(build_model(preset("tiny")), "cpu"), r["batch"], 12 + 2)
+        assert r["decode_bytes_per_step"] == want
+        assert r["roofline_fraction"] == pytest.approx(want * d["mean"] / r["batch"] / 10e9)
+    assert all(r["ratio_to_baseline"]["decode"] == 1.0 for r in base.values())
+    assert validate({"hybridctl_version": "0", "device": "cpu", "dtype": "float32", **res}) == []
+    table = format_report(res)
+    assert "tiny-ckpt" in table and "decode tok/s" in table and "±" in table
+
+
+def test_state_and_kv_bytes_are_the_caches_real_sizes():
+    from hybridctl.bench import ModelSpec, memory_estimate
+
+    cfg = preset("tiny")
+    model = materialize(build_model(cfg), "cpu")
+    spec = ModelSpec("t", "preset", "tiny", cfg, 0, 0, "float32")
+    est = memory_estimate(spec, batch=3, prompt_len=20, new_tokens=5, state_dtype="float32")
+    cache = model.allocate_cache(3, 25)
+    from hybridctl.blocks import MambaState
+
+    mamba = sum(t.numel() * t.element_size() for s in cache.layers.values() if isinstance(s, MambaState)
+                for t in (s.conv, s.ssm))
+    assert est["ssm_state"] == mamba and est["ssm_state"] + est["kv_cache"] == cache.nbytes()
+
+
+def test_a_row_over_the_memory_limit_is_out_of_memory_and_the_rest_runs(one_thread):
+    from hybridctl.bench import ModelSpec, bench, memory_estimate
+
+    cfg = preset("tiny")
+    spec = ModelSpec("tiny", "preset", "tiny", cfg, sum(p.numel() * 4 for p in build_model(cfg).parameters()), 0,
+                     "float32")
+    small, big = (memory_estimate(spec, batch=1, prompt_len=L, new_tokens=4, state_dtype="float32")["total"]
+                  for L in (12, 4096))
+    res = bench(presets=["tiny"], batch=[1], prompt_len=[12, 4096], new_tokens=4, reps=1, warmup=0,
+                bandwidth_gbps=10.0, memory_limit_gib=(small + big) / 2 / 2**30)
+    ok, oom = res["speed"]
+    assert ok["status"] == "ok" and ok["decode_tokens_per_s"]["mean"] > 0
+    assert oom["status"] == "oom" and oom["error"].startswith("out of memory") and "GiB" in oom["error"]
+    assert oom["decode_tokens_per_s"] is None and oom["memory_estimate_bytes"] == big
+    assert oom["ratio_to_baseline"] == {"decode": None, "prefill": None}
+    from hybridctl.bench_report import format_report
+
+    assert "out of memory" in format_report(res)
+
+
+def test_running_out_of_memory_mid_row_is_that_rows_result(monkeypatch, one_thread):
+    from hybridctl import bench as bench_mod
+
+    real = bench_mod.measure_speed
+
+    def flaky(model, **kw):
+        if kw["batch"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, **kw)
+
+    monkeypatch.setattr(bench_mod, "measure_speed", flaky)
+    res = bench_mod.bench(presets=["tiny"], **SMALL)
+    assert [r["status"] for r in res["speed"]] == ["ok", "oom"]
+    assert "out of memory while running" in res["speed"][1]["error"]
+
+    def broken(model, **kw):
+        raise ValueError("a real bug")
+
+    monkeypatch.setattr(bench_mod, "measure_speed", broken)
+    with pytest.raises(ValueError, match="a real bug"):  # only memory exhaustion becomes a row
+        bench_mod.bench(presets=["tiny"], **SMALL)
+
+
+def test_json_is_one_object_that_matches_the_schema(tmp_path, one_thread):
+    import json
+
+    from hybridctl.bench_report import SCHEMA, validate
+
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    r = cli("--preset", "tiny", "--batch", "1", "--prompt-len", "8", "--new-tokens", "3", "--reps", "2", "--warmup",
+            "0", "--bandwidth", "5", "--ppl", text, "--lengths", "64", "--json")
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.stdout)
+    assert validate(obj) == [], validate(obj)
+    assert obj["environment"]["decode_plan"] == obj["speed"][0]["plan"]
+    p = obj["quality"]["ppl"][0]
+    assert p["window"] == 64 and p["predicted"] == sum(b["tokens"] for b in p["buckets"]) and p["ppl"] > 1
+    # the validator is not a rubber stamp
+    bad = json.loads(r.stdout)
+    del bad["speed"][0]["ttft_s"]
+    bad["grid"]["batch"] = ["1"]
+    bad["models"][0]["params"] = 1.5
+    errs = validate(bad, SCHEMA)
+    assert any("ttft_s" in e for e in errs) and any("grid.batch[0]" in e for e in errs) \
+        and any("models[0].params" in e for e in errs)
+
+
+def test_dry_run_prints_the_grid_and_estimates_and_writes_nothing(tmp_path, monkeypatch, ckpt):
+    import json
+
+    from hybridctl import bench as bench_mod
+    from hybridctl.bench_report import validate
+
+    monkeypatch.setattr(bench_mod, "load", lambda *a, **k: pytest.fail("a dry run loaded a model"))
+    monkeypatch.setattr(bench_mod, "measure_speed", lambda *a, **k: pytest.fail("a dry run measured"))
+    plots = tmp_path / "plots"
+    r = cli(ckpt, "--preset", "hybrid-8b", "--batch", "1,64", "--prompt-len", "1024,131072", "--dry-run",
+            "--plot", plots, "--memory-limit", "140")
+    assert r.exit_code == 0, r.output
+    assert "estimate" in r.stdout and "out of memory" in r.stdout and "hybrid-8b" in r.stdout
+    assert not plots.exists()
+    r = cli("--preset", "hybrid-8b", "--batch", "1,64", "--prompt-len", "1024,131072", "--dry-run", "--json",
+            "--memory-limit", "140")
+    obj = json.loads(r.stdout)
+    assert validate(obj) == [] and obj["dry_run"]
+    rows = {(x["batch"], x["prompt_len"]): x for x in obj["speed"]}
+    assert rows[(1, 1024)]["status"] == "planned" and rows[(64, 131072)]["status"] == "oom"
+    m = obj["models"][0]
+    assert m["dtype"] == "float32" and 8e9 < m["params"] < 9e9  # presets run in float32 on the CPU
+    assert rows[(1, 1024)]["memory_estimate"]["weights"] == m["weights_bytes"] == 4 * m["params"]
