@@ -21,7 +21,6 @@ sweep (``task_eval.sweep_task``) per model, with the model's own tokenizer (the 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import platform
@@ -446,8 +445,8 @@ def _bandwidth(device: torch.device, dtype: str, given_gbps: float | None, dry_r
     return matvec_bandwidth(device, getattr(torch, dtype), mbytes=mb, repeats=5), f"probes.matvec_bandwidth {mb} MiB"
 
 
-def bench(*, checkpoints: Sequence[str | Path] = (), presets: Sequence[str] = (), batch: Sequence[int] = (1,),
-          prompt_len: Sequence[int] = (512,), new_tokens: int = 64, reps: int = 3, warmup: int = 1,
+def bench(*, checkpoints: Sequence[str | Path] = (), presets: Sequence[str] = (), batch: Sequence[int] = (1, 4),
+          prompt_len: Sequence[int] = (128, 512), new_tokens: int = 32, reps: int = 3, warmup: int = 1,
           device: str | None = None, dtype: str | None = None, state_dtype: str = "float32",
           backend: str | None = None, speed: bool = True, ppl: str | Path | None = None, task: str | None = None,
           lengths: Sequence[int] = (1024, 2048, 4096), depths: Sequence[float] | None = None, samples: int = 4,

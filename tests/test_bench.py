@@ -278,3 +278,78 @@ def test_dry_run_prints_the_grid_and_estimates_and_writes_nothing(tmp_path, monk
     m = obj["models"][0]
     assert m["dtype"] == "float32" and 8e9 < m["params"] < 9e9  # presets run in float32 on the CPU
     assert rows[(1, 1024)]["memory_estimate"]["weights"] == m["weights_bytes"] == 4 * m["params"]
+
+
+def test_cli_defaults_are_the_librarys():
+    import inspect
+
+    from hybridctl import cli
+    from hybridctl.bench import bench, parse_ints
+
+    ours = {n: p.default for n, p in inspect.signature(cli.bench).parameters.items()}
+    lib = {n: p.default for n, p in inspect.signature(bench).parameters.items()}
+    for name in ("batch", "prompt_len", "lengths"):
+        assert parse_ints(ours[name], name) == list(lib[name]), name
+    for name in ("new_tokens", "reps", "warmup", "device", "dtype", "state_dtype", "backend", "speed", "ppl", "task",
+                 "samples", "plot", "dry_run", "seed"):
+        assert ours[name] == lib[name], name
+    assert ours["memory_limit"] == lib["memory_limit_gib"] and ours["bandwidth"] == lib["bandwidth_gbps"]
+
+
+@pytest.mark.parametrize("args, match", [
+    (("--preset", "tiny", "--batch", "1,x"), "--batch 1,x: 'x' is not an integer"),
+    (("--preset", "tiny", "--batch", "0"), "--batch 0: 0 is outside"),
+    (("--preset", "tiny", "--prompt-len", "-3"), "--prompt-len -3"),
+    (("--preset", "tiny", "--lengths", ""), "--lengths"),
+    (("--preset", "tiny", "--ppl", "/nonexistent/held_out.txt"), "no such file"),
+    (("--preset", "tiny", "--task", "sudoku"), "unknown task"),
+    (("--preset", "gpt-17"), "preset 'gpt-17' is unknown"),
+    (("--preset", "tiny", "--task", "needle", "--depths", "0,150%"), "outside [0, 1]"),
+    (("--preset", "tiny", "--task", "copy", "--depths", "0.5"), "copy task has no depth"),
+    (("--preset", "tiny", "--reps", "0"), "--reps 0: must be >= 1"),
+    (("--preset", "tiny", "--dtype", "float13"), "float13"),
+    (("/nonexistent/ckpt",), "no such checkpoint"),
+    ((), "nothing to bench"),
+])
+def test_bad_input_is_one_line_and_a_nonzero_exit(args, match, tmp_path):
+    one_line_error(cli(*args, "--dry-run", "--plot", tmp_path / "p"), match)
+    assert not (tmp_path / "p").exists()
+
+
+def test_quality_tasks_and_plots_through_the_cli(tmp_path, ckpt, one_thread):
+    import json
+
+    plots = tmp_path / "plots"
+    r = cli(ckpt, "--preset", "tiny", "--no-speed", "--task", "needle", "--lengths", "112,160", "--depths", "0,100%",
+            "--samples", "1", "--plot", plots, "--json")
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.stdout)
+    tasks = obj["quality"]["tasks"]
+    assert obj["speed"] == [] and len(tasks) == 2 * 2 * 2  # models × lengths × depths
+    assert {t["model"] for t in tasks} == {"tiny-ckpt", "tiny"} and all(0 <= t["accuracy"] <= 1 for t in tasks)
+    assert sorted(p.name for p in plots.iterdir()) == ["accuracy_needle.png", "needle_heatmap.png"]
+    assert all(p.stat().st_size > 10_000 for p in plots.iterdir())
+    assert sorted(obj["plots"]) == sorted(str(p) for p in plots.iterdir())
+    r = cli(ckpt, "--no-speed", "--task", "copy", "--lengths", "40", "--samples", "2")
+    assert r.exit_code == 0, r.output
+    assert "task copy: exact-match accuracy" in r.stdout and "tiny-ckpt" in r.stdout
+
+
+def test_bench_and_generate_time_the_same_runtime(ckpt, one_thread):
+    """Same plan dict, and decode tok/s within a loose bound (a busy 2-core CPU; the 5% check runs on the GPU)."""
+    import json
+
+    from hybridctl.bench import bench
+    from hybridctl.cli import app
+
+    r = runner.invoke(app, ["generate", str(ckpt), "--prompt", "The quick brown fox", "--max-new-tokens", "24",
+                            "--ignore-eos", "--json"])
+    assert r.exit_code == 0, r.output
+    gen = json.loads(r.stdout)
+    res = bench(checkpoints=[ckpt], batch=[1], prompt_len=[gen["prompt_tokens"]], new_tokens=24, reps=3, warmup=1,
+                bandwidth_gbps=10.0)
+    row = res["speed"][0]
+    assert row["plan"] == gen["decode_plan"]
+    assert row["decode_steps"] == gen["decode_steps"] == 23
+    ratio = row["decode_tokens_per_s"]["mean"] / gen["decode_tokens_per_s"]
+    assert 0.2 < ratio < 5, (row["decode_tokens_per_s"], gen["decode_tokens_per_s"])
