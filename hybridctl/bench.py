@@ -451,8 +451,25 @@ def bench(*, checkpoints: Sequence[str | Path] = (), presets: Sequence[str] = ()
           backend: str | None = None, speed: bool = True, ppl: str | Path | None = None, task: str | None = None,
           lengths: Sequence[int] = (1024, 2048, 4096), depths: Sequence[float] | None = None, samples: int = 4,
           plot: str | Path | None = None, dry_run: bool = False, memory_limit_gib: float | None = None,
-          bandwidth_gbps: float | None = None, seed: int = 0) -> dict[str, Any]:
-    """Run the comparison; returns the result object (``bench_report.SCHEMA``). See the module docstring."""
+          bandwidth_gbps: float | None = None, seed: int = 0, threads: int | None = None) -> dict[str, Any]:
+    """Run the comparison; returns the result object (``bench_report.SCHEMA``). See the module docstring.
+    ``threads``: torch's intra-op CPU threads for the run (default: as they are), restored afterwards."""
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _bench(checkpoints=checkpoints, presets=presets, batch=batch, prompt_len=prompt_len,
+                      new_tokens=new_tokens, reps=reps, warmup=warmup, device=device, dtype=dtype,
+                      state_dtype=state_dtype, backend=backend, speed=speed, ppl=ppl, task=task, lengths=lengths,
+                      depths=depths, samples=samples, plot=plot, dry_run=dry_run, memory_limit_gib=memory_limit_gib,
+                      bandwidth_gbps=bandwidth_gbps, seed=seed)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _bench(*, checkpoints, presets, batch, prompt_len, new_tokens, reps, warmup, device, dtype, state_dtype, backend,
+           speed, ppl, task, lengths, depths, samples, plot, dry_run, memory_limit_gib, bandwidth_gbps,
+           seed) -> dict[str, Any]:
     from hybridctl import decode
     from hybridctl.checkpoint.native import torch_dtype
     from hybridctl.parallel import resolve_device

@@ -603,6 +603,7 @@ def bench(
     bandwidth: Annotated[Optional[float], typer.Option(
         help="Memory bandwidth in GB/s for the roofline column (default: measured).")] = None,
     seed: SeedOpt = 0,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's own).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the grid and memory estimates; run nothing.")]
     = False,
     json_: JsonOpt = False,
@@ -612,7 +613,7 @@ def bench(
     _setup_logging(verbose)
     _check_numbers(new_tokens=(new_tokens, 1, MAX_NEW_TOKENS), reps=(reps, 1, 10_000), warmup=(warmup, 0, 10_000),
                    samples=(samples, 1, 1_000_000), memory_limit=(memory_limit, 1e-6, None),
-                   bandwidth=(bandwidth, 1e-6, None), seed=(seed, 0, SEED_MAX))
+                   bandwidth=(bandwidth, 1e-6, None), seed=(seed, 0, SEED_MAX), threads=(threads, 1, 4096))
     from hybridctl.bench import bench as run, parse_depths, parse_ints
     from hybridctl.bench_report import format_report
 
@@ -621,7 +622,7 @@ def bench(
               device=device, dtype=dtype, state_dtype=state_dtype, backend=backend, speed=speed, ppl=ppl, task=task,
               lengths=parse_ints(lengths, "--lengths"), depths=parse_depths(depths) if depths else None,
               samples=samples, plot=plot, dry_run=dry_run, memory_limit_gib=memory_limit, bandwidth_gbps=bandwidth,
-              seed=seed)
+              seed=seed, threads=threads)
     if json_:
         return _print_json(res, device=res["environment"]["device"], dtype=res["models"][0]["dtype"])
     typer.echo(format_report(res))

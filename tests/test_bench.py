@@ -291,7 +291,7 @@ def test_cli_defaults_are_the_librarys():
     for name in ("batch", "prompt_len", "lengths"):
         assert parse_ints(ours[name], name) == list(lib[name]), name
     for name in ("new_tokens", "reps", "warmup", "device", "dtype", "state_dtype", "backend", "speed", "ppl", "task",
-                 "samples", "plot", "dry_run", "seed"):
+                 "samples", "plot", "dry_run", "seed", "threads"):
         assert ours[name] == lib[name], name
     assert ours["memory_limit"] == lib["memory_limit_gib"] and ours["bandwidth"] == lib["bandwidth_gbps"]
 
