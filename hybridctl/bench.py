@@ -481,7 +481,13 @@ def _bench(*, checkpoints, presets, batch, prompt_len, new_tokens, reps, warmup,
         raise HybridctlError("--depths: the copy task has no depth")
     if depths is None and task in ("needle", "phonebook"):
         depths = list(NEEDLE_DEPTHS if task == "needle" else PHONEBOOK_DEPTHS)
+    if not speed and ppl is None and task is None:
+        raise HybridctlError("nothing to measure: --no-speed without --ppl or --task")
     text = (str(ppl), read_text(ppl)) if ppl is not None else None
+    if plot is not None and not dry_run:
+        from hybridctl.plots import require_matplotlib
+
+        require_matplotlib()  # missing: say so now, not after the whole run
     state_dtype = _dtype_name(torch_dtype(state_dtype))
     caches = decode.prepare(backend) if not dry_run else {}
     dev = resolve_device(device)
@@ -521,5 +527,8 @@ def _bench(*, checkpoints, presets, batch, prompt_len, new_tokens, reps, warmup,
         from hybridctl.plots import write_plots
 
         out["plots"] = [str(p) for p in write_plots(plot, speed=out["speed"], tasks=out["quality"]["tasks"])]
+        if not out["plots"]:
+            log.warning("bench: --plot %s: nothing to plot (speed plots need two prompt lengths or batch sizes, "
+                        "accuracy plots a --task)", plot)
     out["environment"]["decode_plan"] = next((r["plan"] for r in out["speed"] if r.get("plan")), None)
     return out

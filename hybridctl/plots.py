@@ -36,6 +36,11 @@ def _plt():
     return plt
 
 
+def require_matplotlib() -> None:
+    """Raise the one-line HybridctlError now if matplotlib is missing (before a long run whose plots would fail)."""
+    _plt()
+
+
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

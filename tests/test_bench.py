@@ -310,6 +310,7 @@ def test_cli_defaults_are_the_librarys():
     (("--preset", "tiny", "--dtype", "float13"), "float13"),
     (("/nonexistent/ckpt",), "no such checkpoint"),
     ((), "nothing to bench"),
+    (("--preset", "tiny", "--no-speed"), "nothing to measure"),
 ])
 def test_bad_input_is_one_line_and_a_nonzero_exit(args, match, tmp_path):
     one_line_error(cli(*args, "--dry-run", "--plot", tmp_path / "p"), match)
@@ -353,3 +354,13 @@ def test_bench_and_generate_time_the_same_runtime(ckpt, one_thread):
     assert row["decode_steps"] == gen["decode_steps"] == 23
     ratio = row["decode_tokens_per_s"]["mean"] / gen["decode_tokens_per_s"]
     assert 0.2 < ratio < 5, (row["decode_tokens_per_s"], gen["decode_tokens_per_s"])
+
+
+def test_plots_without_matplotlib_are_one_line_before_any_work(monkeypatch, tmp_path):
+    import sys
+
+    from hybridctl import bench as bench_mod
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+    monkeypatch.setattr(bench_mod, "load", lambda *a, **k: pytest.fail("ran before checking matplotlib"))
+    one_line_error(cli("--preset", "tiny", "--plot", tmp_path / "p"), "pip install 'hybridctl[plot]'")
