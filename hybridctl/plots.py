@@ -82,6 +82,13 @@ def _log2_axis(ax, values: Sequence[float]) -> None:
     ax.set_xticklabels([_short(v) for v in vals], rotation=45 if len(vals) > 6 else 0)
 
 
+def _log_y_if_wide(ax, values: Sequence[float]) -> None:
+    """A log y axis when the values span more than 20× (a 1M- next to a 1B-parameter model), else linear."""
+    vals = [v for v in values if v and v > 0]
+    if vals and max(vals) / min(vals) > 20:
+        ax.set_yscale("log")
+
+
 def _short(v: float) -> str:
     v = float(v)
     for unit, div in (("M", 2**20), ("K", 2**10)):
@@ -170,6 +177,7 @@ def _lines(rows: Iterable[Row], path: str | Path, *, x: str, series: str, y: str
         else:
             ax.plot(xs, ys, marker="o", label=label)
     _log2_axis(ax, xs_all)
+    _log_y_if_wide(ax, [_mean(r, y) for rs in groups.values() for r in rs])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -211,6 +219,7 @@ def memory_vs_context(rows: Iterable[Row], path: str | Path) -> Path:
         ax.plot([r["prompt_len"] for r in rs], [r["memory_estimate_bytes"] / 2**30 for r in rs], linestyle="--",
                 marker="x", color=line.get_color() if line else None, label=f"{model}, batch {b}: estimate")
     _log2_axis(ax, xs_all)
+    _log_y_if_wide(ax, [r["memory_estimate_bytes"] / 2**30 for r in rows])
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("memory (GiB)")
     ax.set_title("Memory vs context")
