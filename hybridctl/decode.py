@@ -41,13 +41,16 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hybridctl import kernels
 from hybridctl.cpu_decode import _one_line, cpu_fast_refusal, cpu_fast_twin, matvec_error, raise_recompile_limit
 from hybridctl.sampling import SamplingParams, sample
+
+if TYPE_CHECKING:
+    from hybridctl.model import HybridLM
 
 log = logging.getLogger("hybridctl.generate")  # its messages are generate's (and bench's, which runs the same)
 Tensor = torch.Tensor
@@ -105,7 +108,7 @@ def _mode(*, compiled: bool, cuda_graph: bool, cpu_fast_path: bool, cpu_matvec: 
     return "eager"
 
 
-def plan_decode(model: torch.nn.Module, *, batch: int, compile: bool | None = None, cuda_graph: bool = True,
+def plan_decode(model: HybridLM, *, batch: int, compile: bool | None = None, cuda_graph: bool = True,
                 fast_cpu: bool = True, warm_prefill: bool | None = None, sync_every: int = 16,
                 streaming: bool = False, state_dtype: torch.dtype = torch.float32) -> DecodePlan:
     """The decode plan of ``model`` (on its device, in its dtype) for ``batch`` rows.
@@ -377,7 +380,7 @@ def _seen_mask(input_ids: Tensor, pad: Tensor, vocab: int) -> Tensor:
     return seen
 
 
-def run(model: torch.nn.Module, ids: list[list[int]], plan: DecodePlan, params: SamplingParams = SamplingParams(),
+def run(model: HybridLM, ids: list[list[int]], plan: DecodePlan, params: SamplingParams = SamplingParams(),
         *, max_new_tokens: int, seed: int = 0, vocab: int | None = None,
         on_token: TokenCallback | None = None) -> DecodeTrace:
     """Prefill the prompts ``ids`` (one id list per row, ``len(ids) == plan.batch``; left-padded) and decode up to

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,11 @@ from hybridctl import decode, kernels
 from hybridctl.config import HybridctlError
 from hybridctl.parallel import resolve_device
 from hybridctl.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from hybridctl.checkpoint import Source
+    from hybridctl.model import HybridLM
+    from hybridctl.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -82,7 +87,9 @@ class GenerateResult:
 # ---- inputs -----------------------------------------------------------------------------------------------------
 
 
-def _resolve_model(model_or_path: Any, tokenizer: Any, device: str | None, dtype: str | None, need_tokenizer: bool):
+def _resolve_model(model_or_path: HybridLM | str | Path | Source, tokenizer: Tokenizer | str | None,
+                   device: str | None, dtype: str | None, need_tokenizer: bool
+                   ) -> tuple[HybridLM, Tokenizer | None, torch.device]:
     """(model, tokenizer or None, device). A path is loaded with its own tokenizer unless one is given; a
     checkpoint without one is fine for token-id prompts (``need_tokenizer`` False)."""
     from hybridctl.checkpoint import Source, load_model, load_tokenizer_for
@@ -113,7 +120,8 @@ def _resolve_model(model_or_path: Any, tokenizer: Any, device: str | None, dtype
     return model, tok, dev
 
 
-def encode_prompts(prompts: str | Sequence[str] | Sequence[Sequence[int]], tokenizer: Any, add_bos: bool | None
+def encode_prompts(prompts: str | Sequence[str] | Sequence[Sequence[int]], tokenizer: Tokenizer | None,
+                   add_bos: bool | None
                    ) -> list[list[int]]:
     """Prompts (text, or token-id lists) → id lists; text needs a tokenizer. Empty prompts are refused."""
     if isinstance(prompts, str):
@@ -140,7 +148,7 @@ def encode_prompts(prompts: str | Sequence[str] | Sequence[Sequence[int]], token
 class _Row:
     """Generated ids, incremental text, stop-string detection and streaming hold-back for one prompt."""
 
-    def __init__(self, tokenizer: Any, eos_id: int | None, stop: Sequence[str]) -> None:
+    def __init__(self, tokenizer: Tokenizer | None, eos_id: int | None, stop: Sequence[str]) -> None:
         self.tokens: list[int] = []
         self.text = ""
         self.emitted = 0  # characters of text already streamed
@@ -200,7 +208,8 @@ class _Row:
 # ---- the entry function -----------------------------------------------------------------------------------------
 
 
-def generate(model_or_path: Any, prompts: str | Sequence[str] | Sequence[Sequence[int]], *, tokenizer: Any = None,
+def generate(model_or_path: HybridLM | str | Path | Source, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
+             tokenizer: Tokenizer | str | None = None,
              max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
              use_eos: bool = True, add_bos: bool | None = None, device: str | None = None, dtype: str | None = None,
@@ -279,7 +288,7 @@ def _result(rows: list[_Row], trace: decode.DecodeTrace, plan: decode.DecodePlan
         backend=ran.backend, dtype=ran.dtype, state_dtype=ran.state_dtype, cuda_graph=ran.cuda_graph, extra=extra)
 
 
-def _check_ids(ids: list[list[int]], model, tok: Any, stop: Sequence[str]) -> int:
+def _check_ids(ids: list[list[int]], model: HybridLM, tok: Tokenizer | None, stop: Sequence[str]) -> int:
     """Refuse ids outside the model's vocabulary and stop strings without a tokenizer; returns the vocabulary the
     sampler may pick from (the tokenizer's where smaller: Megatron pads the model's)."""
     if tok is None and any(stop):
