@@ -364,3 +364,29 @@ def test_plots_without_matplotlib_are_one_line_before_any_work(monkeypatch, tmp_
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
     monkeypatch.setattr(bench_mod, "load", lambda *a, **k: pytest.fail("ran before checking matplotlib"))
     one_line_error(cli("--preset", "tiny", "--plot", tmp_path / "p"), "pip install 'hybridctl[plot]'")
+
+
+def test_the_swept_prompts_are_well_formed_at_every_cell():
+    """What sweep_task feeds the model: the answer is in the prompt (retrievable), the prompt ends with the question,
+    fits the target length, and the target sits where the depth says."""
+    from hybridctl.tasks import eval_examples
+
+    tok = ByteTokenizer()
+    for layout in ("standard", "reversed"):
+        for depth in (0.0, 1.0):
+            (e,) = eval_examples("phonebook", tok, 900, n=1, depth=depth, layout=layout, seed=0)
+            lines = [ln for ln in e.prompt_text.split("\n") if ln.endswith(e.answer_text.strip())]
+            assert lines == [f"{e.meta['name']}: {e.answer_text.strip()}"], lines  # one book line holds it
+            assert e.prompt_text.endswith(f"What is the phone number for {e.meta['name']}?\nAnswer:")
+            assert len(e.prompt) <= 900 and e.meta["depth"] == depth
+    at = []
+    for depth in (0.0, 0.5, 1.0):
+        (e,) = eval_examples("needle", tok, 400, n=1, depth=depth, seed=0)
+        needle = f"The pass key is {e.answer_text.strip()}. Remember it. {e.answer_text.strip()} is the pass key. "
+        at.append(e.prompt_text.index(needle))
+        assert e.prompt_text.endswith("\nWhat is the pass key? The pass key is") and len(e.prompt) <= 400
+        if depth == 1.0:
+            assert e.prompt_text[at[-1] + len(needle):].startswith("\nWhat is the pass key?")  # after all filler
+    assert at[0] == 0 and at[0] < at[1] < at[2]
+    (e,) = eval_examples("copy", tok, 64, n=1, seed=0)
+    assert e.prompt_text == e.answer_text + "\n" and len(e.prompt) + len(e.answer) <= 64 + 1
