@@ -310,9 +310,16 @@ def speed_rows(spec: ModelSpec, model: torch.nn.Module | None, *, batches: Seque
     """The speed rows of one model over batch × prompt length (``model`` None: planned only, the dry run)."""
     from hybridctl.model import decode_bytes_per_step
 
+    import sys
+
+    from tqdm import tqdm
+
     rows = []
+    bar = tqdm(total=len(batches) * len(prompt_lens), desc=f"bench {spec.name}", unit="row", file=sys.stderr,
+               disable=model is None or not sys.stderr.isatty(), leave=False)
     for batch in batches:
         for L in prompt_lens:
+            bar.update(1)
             row = {**_row_head(spec, batch, L, new_tokens, state_dtype), **EMPTY_SPEED}
             rows.append(row)
             if row["memory_estimate_bytes"] > capacity:
@@ -340,6 +347,7 @@ def speed_rows(spec: ModelSpec, model: torch.nn.Module | None, *, batches: Seque
             if bandwidth:  # bytes per step × steps per second / bytes per second the machine streams
                 steps_per_s = row["decode_tokens_per_s"]["mean"] / batch
                 row["roofline_fraction"] = row["decode_bytes_per_step"] * steps_per_s / bandwidth
+    bar.close()
     return rows
 
 
@@ -467,27 +475,35 @@ def bench(*, checkpoints: Sequence[str | Path] = (), presets: Sequence[str] = ()
         torch.set_num_threads(saved)
 
 
-def _bench(*, checkpoints, presets, batch, prompt_len, new_tokens, reps, warmup, device, dtype, state_dtype, backend,
-           speed, ppl, task, lengths, depths, samples, plot, dry_run, memory_limit_gib, bandwidth_gbps,
-           seed) -> dict[str, Any]:
-    from hybridctl import decode
-    from hybridctl.checkpoint.native import torch_dtype
-    from hybridctl.parallel import resolve_device
+def _check_request(*, task: str | None, depths: Sequence[float] | None, speed: bool, ppl: Any, plot: Any,
+                   dry_run: bool) -> list[float] | None:
+    """Refuse what cannot run before any work; returns the depths to sweep (the task's defaults when None)."""
     from hybridctl.task_eval import NEEDLE_DEPTHS, PHONEBOOK_DEPTHS
 
     if task is not None and task not in TASKS:
         raise HybridctlError(f"--task {task}: unknown task; valid: {', '.join(TASKS)}")
     if task == "copy" and depths is not None:
         raise HybridctlError("--depths: the copy task has no depth")
-    if depths is None and task in ("needle", "phonebook"):
-        depths = list(NEEDLE_DEPTHS if task == "needle" else PHONEBOOK_DEPTHS)
     if not speed and ppl is None and task is None:
         raise HybridctlError("nothing to measure: --no-speed without --ppl or --task")
-    text = (str(ppl), read_text(ppl)) if ppl is not None else None
     if plot is not None and not dry_run:
         from hybridctl.plots import require_matplotlib
 
         require_matplotlib()  # missing: say so now, not after the whole run
+    if depths is None and task in ("needle", "phonebook"):
+        return list(NEEDLE_DEPTHS if task == "needle" else PHONEBOOK_DEPTHS)
+    return None if depths is None else list(depths)
+
+
+def _bench(*, checkpoints, presets, batch, prompt_len, new_tokens, reps, warmup, device, dtype, state_dtype, backend,
+           speed, ppl, task, lengths, depths, samples, plot, dry_run, memory_limit_gib, bandwidth_gbps,
+           seed) -> dict[str, Any]:
+    from hybridctl import decode
+    from hybridctl.checkpoint.native import torch_dtype
+    from hybridctl.parallel import resolve_device
+
+    depths = _check_request(task=task, depths=depths, speed=speed, ppl=ppl, plot=plot, dry_run=dry_run)
+    text = (str(ppl), read_text(ppl)) if ppl is not None else None
     state_dtype = _dtype_name(torch_dtype(state_dtype))
     caches = decode.prepare(backend) if not dry_run else {}
     dev = resolve_device(device)
