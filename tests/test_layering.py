@@ -14,6 +14,7 @@ RANK = {
     **{w: 4 for w in WORKFLOWS},
     "bench": 5, "cli": 6, "__main__": 7,
 }
+RANK.update(task_eval=3, plots=3, probes=3, bench_report=5)  # bench's library parts (issue 16)
 KERNEL_LIBS = {"mamba_ssm", "causal_conv1d", "flash_attn"}
 
 
