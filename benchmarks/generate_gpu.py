@@ -120,7 +120,7 @@ def _profile(model, bsz: int, L: int, bw: float, compile: bool) -> dict:
     """One decode step taken apart: the captured graph replayed alone (median of 200, CUDA events; no sampling, no
     host work), then the same step run uncaptured under torch.profiler: kernels per step, kernel time per step (its
     sum against the replay shows the launch gaps the graph still has), the slowest kernels."""
-    from hybridctl.generate import DecodeStep
+    from hybridctl.decode import DecodeStep
 
     with torch.inference_mode():
         cache = model.allocate_cache(bsz, L + 256)  # each replay advances the slot: 208 steps below

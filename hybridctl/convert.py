@@ -1,6 +1,7 @@
 """The ``convert`` workflow: any readable checkpoint → native | hf | megatron | megatron-legacy.
 
-The source format is detected from content (checkpoint.open_checkpoint). Writers stream tensor by tensor into a
+The source format is detected from content (checkpoint.open_checkpoint); the target is a table lookup
+(checkpoint.writers.WRITERS: one plan/write signature for every format). Writers stream tensor by tensor into a
 temporary directory renamed when complete, so peak memory stays near one output shard and a failure leaves nothing.
 ``dry_run`` opens and validates the source and the target plan (architecture, representability, vocab) and reports
 it without writing.
@@ -13,12 +14,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hybridctl.config import HybridctlError
 
+if TYPE_CHECKING:
+    from hybridctl.checkpoint import Source
+
 log = logging.getLogger(__name__)
-TARGETS = ("native", "hf", "megatron", "megatron-legacy")
+TARGETS = ("native", "hf", "megatron", "megatron-legacy")  # = checkpoint.writers.WRITERS, in --help order
 
 
 @dataclass
@@ -81,20 +85,7 @@ def _check_source_options(fmt: str, src: Path, iteration: int | str | None, trus
                              "checkpoint")
 
 
-def _write_units(to: str, final: Any, n_tensors: int, tp: int, pp: int, megatron_keys: str) -> int:
-    """How many times the writer for ``to`` calls progress(1): the progress bar's total."""
-    if to == "megatron":
-        from hybridctl.checkpoint.megatron import count_writes_dist
-
-        return count_writes_dist(final)
-    if to == "megatron-legacy":
-        from hybridctl.checkpoint.megatron import count_writes
-
-        return count_writes(final, tp=tp, pp=pp, keys=megatron_keys)
-    return n_tensors  # native and hf: one tick per written tensor
-
-
-def _auto_vocab(source: Any, to: str, vocab_size: int | None, notes: list[str]) -> int | None:
+def _auto_vocab(source: Source, to: str, vocab_size: int | None, notes: list[str]) -> int | None:
     """Megatron pads the vocab; exporting such a checkpoint strips the padding to the tokenizer's size — said out
     loud in the notes, never silently. An explicit --vocab-size always wins."""
     if vocab_size is not None or to != "hf" or not source.format.startswith("megatron"):
@@ -111,17 +102,6 @@ def _auto_vocab(source: Any, to: str, vocab_size: int | None, notes: list[str]) 
     return None
 
 
-def _check_tokenizer(final: Any) -> None:
-    """The tokenizer carried along must fit the (possibly --vocab-size stripped) embedding: refused before writing."""
-    if final.tokenizer_dir is None:
-        return
-    from hybridctl.checkpoint.io import check_tokenizer_fits
-    from hybridctl.tokenizer import load_tokenizer
-
-    where = f"{final.path}" + (" (--vocab-size)" if "vocab_stripped_from" in final.info else "")
-    check_tokenizer_fits(load_tokenizer(final.tokenizer_dir), final.config.vocab_size, where)
-
-
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
@@ -130,27 +110,15 @@ def _progress(total: int, enabled: bool, desc: str):
                 leave=False)
 
 
-def _megatron_writer(to: str):
-    try:
-        from hybridctl.checkpoint import megatron
-    except ImportError:
-        megatron = None
-    name = "write_megatron_dist" if to == "megatron" else "write_megatron_legacy"
-    fn = getattr(megatron, name, None)
-    if fn is None:
-        raise HybridctlError(f"--to {to}: the Megatron writer is not available in this build yet")
-    return fn
-
-
 def convert(*, src: str | Path, to: str, out: str | Path | None, dtype: str | None = None, shard_size: str = "5GB",
             hf_arch: str = "auto", tp: int = 1, pp: int = 1, megatron_keys: str = "current",
             iteration: int | str | None = None, trust_pickle: bool = False, vocab_size: int | None = None,
             overwrite: bool = False, progress: bool = True, dry_run: bool = False) -> ConvertResult:
     """Convert the checkpoint at ``src`` to format ``to`` in ``out``; returns what was (or would be) written."""
-    from hybridctl.checkpoint import detect_format, open_checkpoint, specs_nbytes
-    from hybridctl.checkpoint.hf import plan_hf, strip_vocab, write_hf
+    from hybridctl.checkpoint import detect_format, open_checkpoint
     from hybridctl.checkpoint.io import parse_size
-    from hybridctl.checkpoint.native import dtype_name, torch_dtype, write_native
+    from hybridctl.checkpoint.native import dtype_name, torch_dtype
+    from hybridctl.checkpoint.writers import WRITERS, WriteOptions
 
     t0 = time.perf_counter()
     src, out = Path(src), (Path(out) if out is not None else None)
@@ -164,40 +132,17 @@ def convert(*, src: str | Path, to: str, out: str | Path | None, dtype: str | No
                              f"converted to {to} yet; convert the original checkpoint")
     notes = list(source.info.get("notes", []))
     vocab_size = _auto_vocab(source, to, vocab_size, notes)
-    arch, files = None, []
-    if to == "hf":
-        plan, stripped = plan_hf(source, arch=hf_arch, dtype=tdtype, vocab_size=vocab_size)
-        arch, n_tensors, nbytes = plan.arch, len(plan.specs), specs_nbytes(plan.specs)
-        notes += plan.notes
-        if not dry_run:
-            with _progress(n_tensors, progress, "convert → hf") as bar:
-                plan = write_hf(out, stripped, max_shard_size=shard_size, overwrite=overwrite, progress=bar.update,
-                                plan=plan)
-            files = plan.files
-        final = stripped
-    else:
-        final = strip_vocab(source, vocab_size) if vocab_size is not None else source
-        if "vocab_stripped_from" in final.info and to == "native":
-            notes.append(f"vocab: {final.info['vocab_stripped_from']} → {vocab_size} rows (padding removed)")
-        _check_tokenizer(final)
-        n_tensors = len(final.specs)
-        nbytes = specs_nbytes(final.specs, tdtype)
-        writer = _megatron_writer(to) if to != "native" else None
-        if writer is not None and tdtype is not None:  # the Megatron writers store what get() returns
-            final = _cast(final, tdtype)
-        if not dry_run:
-            total = _write_units(to, final, n_tensors, tp, pp, megatron_keys)
-            with _progress(total, progress, f"convert → {to}") as bar:
-                if to == "native":
-                    write_native(out, config=final.config, specs=final.specs, get=final.get, dtype=tdtype,
-                                 tokenizer_dir=final.tokenizer_dir, max_shard_size=shard_size, overwrite=overwrite,
-                                 extra={"converted_from": source.format}, progress=bar.update,
-                                 validated=final.validated)
-                elif to == "megatron":
-                    writer(out, final, overwrite=overwrite, progress=bar.update)
-                else:
-                    writer(out, final, tp=tp, pp=pp, keys=megatron_keys, overwrite=overwrite, progress=bar.update)
-            files = sorted(p.name for p in Path(out).iterdir())
+    writer = WRITERS[to]
+    opts = WriteOptions(dtype=tdtype, vocab_size=vocab_size, max_shard_size=shard_size, overwrite=overwrite,
+                        hf_arch=hf_arch, tp=tp, pp=pp, megatron_keys=megatron_keys,
+                        extra={"converted_from": source.format})
+    plan = writer.plan(source, opts)
+    notes += plan.notes
+    files: list[str] = []
+    if not dry_run:
+        with _progress(plan.units(), progress, f"convert → {to}") as bar:
+            files = writer.write(out, plan, opts, bar.update)
+    final = plan.src
     tok_from = None if final.tokenizer_dir is None else str(final.tokenizer_dir)
     if tok_from is None:
         log.info("convert: the source carries no tokenizer: none is written (generate will need --tokenizer)")
@@ -205,16 +150,7 @@ def convert(*, src: str | Path, to: str, out: str | Path | None, dtype: str | No
         log.info("convert: %s", n)
     cfg = final.config
     return ConvertResult(src=src, src_format=source.format, to=to, out=None if dry_run else out, dry_run=dry_run,
-                         arch=arch, pattern=cfg.pattern, n_tensors=n_tensors, nbytes=nbytes,
+                         arch=plan.arch, pattern=cfg.pattern, n_tensors=plan.n_tensors, nbytes=plan.nbytes,
                          dtype=dtype_name(tdtype or final.dtype), vocab_size=cfg.vocab_size,
                          tied=cfg.tie_embeddings, files=files, notes=notes, seconds=time.perf_counter() - t0,
                          tokenizer=tok_from)
-
-
-def _cast(src: Any, dtype: Any) -> Any:
-    """A view of ``src`` whose tensors come out in ``dtype``."""
-    import dataclasses
-
-    get = src.get
-    return dataclasses.replace(src, specs={k: (s, dtype) for k, (s, _) in src.specs.items()},
-                               get=lambda name: get(name).to(dtype))

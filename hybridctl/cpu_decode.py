@@ -1,7 +1,9 @@
 """The CPU fast path of the decode step: a twin of the model whose linears are prepacked for oneDNN (blocked weights
-for several rows), with an Inductor-compiled matrix-vector product for the large weights at batch 1; generate runs
-its CPU decode steps on ``cpu_fast_twin(model)``. Also the Dynamo recompile-limit helper both compiled decode paths
-(this one and generate's compiled layer step) need."""
+for several rows), with an Inductor-compiled matrix-vector product for the large weights at batch 1; decode.py runs
+its CPU steps (plan modes ``cpu-fast`` / ``cpu-fast-matvec``) on ``cpu_fast_twin(model)``. Module swaps only: the
+twin's ``nn.Linear`` modules (and a tied model's head) become ``_PackedLinear``; the contract a linear replacement
+keeps is in decode.py's docstring. Also the Dynamo recompile-limit helper both compiled decode paths (this one and
+decode.py's compiled layer step) need."""
 
 from __future__ import annotations
 
@@ -46,6 +48,11 @@ def raise_recompile_limit(n: int) -> None:
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
     setattr(cfg, name, max(getattr(cfg, name), n))
+
+
+def matvec_error() -> str | None:
+    """Why ``compiled_matvec`` failed in this process (``Type: first line``), or None."""
+    return _matvec_error
 
 
 def _matvec(w: Tensor, x: Tensor) -> Tensor:
@@ -128,6 +135,24 @@ class _PackedLinear(torch.nn.Module):
 _twins: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def cpu_fast_refusal(model) -> str | None:
+    """Why ``cpu_fast_twin`` would return ``model`` itself (not CPU fp32, no oneDNN, linear weights over
+    FAST_CPU_MAX_BYTES), or None where the fast path applies. ``decode.plan_decode`` asks this once."""
+    p = next(model.parameters())
+    if p.device.type != "cpu":
+        return f"the CPU fast path needs a CPU model (this one is on {p.device.type})"
+    if p.dtype != torch.float32:
+        return f"the CPU fast path needs float32 weights (these are {str(p.dtype).removeprefix('torch.')})"
+    if not torch.backends.mkldnn.is_available():
+        return "the CPU fast path needs oneDNN (this torch build has none)"
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    if nbytes > FAST_CPU_MAX_BYTES:
+        return f"the CPU fast path holds a second copy of the linear weights: {nbytes >> 20} MiB is over its " \
+               f"{FAST_CPU_MAX_BYTES >> 20} MiB limit"
+    return None
+
+
 def _fingerprint(model) -> tuple:
     # storage and in-place version of every parameter: a twin is stale once any weight changed
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
@@ -141,11 +166,7 @@ def cpu_fast_twin(model, *, matvec: bool = False):
     twin keeps it). The SSM state is updated in place by ref.ssm_step either way. Returns ``model`` itself where the
     fast path does not apply (not CPU fp32, no oneDNN, linear weights over FAST_CPU_MAX_BYTES). Cached per model
     while its weights are unchanged (the packed copy lives as long as the model)."""
-    p = next(model.parameters())
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    if p.device.type != "cpu" or p.dtype != torch.float32 or not torch.backends.mkldnn.is_available() \
-            or nbytes > FAST_CPU_MAX_BYTES:
+    if cpu_fast_refusal(model) is not None:
         return model
     key = _fingerprint(model)
     hit = _twins.get(model)
@@ -159,10 +180,8 @@ def cpu_fast_twin(model, *, matvec: bool = False):
                 if type(child) is torch.nn.Linear:
                     setattr(parent, name, _PackedLinear(child.weight, child.bias))
         twin.compiled_matvec = False
-        if model.lm_head is None or type(model.lm_head) is torch.nn.Linear:  # a quantized head runs as it is
-            head = _PackedLinear(model.embed.weight if model.lm_head is None else model.lm_head.weight, None)
-            twin.packed_head = head
-            object.__setattr__(twin, "logits", head)  # shadows HybridLM.logits (h [..., D] → logits) on this twin
+        if twin.lm_head is None:  # tied: the head is a packed linear over the embedding table (shared, not copied)
+            twin.lm_head = _PackedLinear(model.embed.weight, None)
         _twins[model] = (key, twin)
     if matvec and not twin.compiled_matvec:
         big = [m for m in twin.modules() if isinstance(m, _PackedLinear) and m.big]

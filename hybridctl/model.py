@@ -114,7 +114,7 @@ class HybridLM(nn.Module):
         return self.norm_f(x)
 
     def logits(self, h: Tensor) -> Tensor:
-        if self.lm_head is not None and type(self.lm_head) is not nn.Linear:  # a quantized head (qlinear.py)
+        if self.lm_head is not None and type(self.lm_head) is not nn.Linear:  # a swapped head (qlinear, cpu_decode)
             return self.lm_head(h)
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, w)
@@ -145,9 +145,9 @@ class HybridLM(nn.Module):
 
     def head(self, x: Tensor) -> Tensor:
         """Final norm and LM head: hidden states [..., D] → logits [..., V] (one GEMV kernel at batch 1 on CUDA, see
-        ``kernels.linear``). A twin that replaces ``logits`` on the instance (the CPU fast path's prepacked head)
-        gets its own product called."""
-        if "logits" in vars(self) or (self.lm_head is not None and type(self.lm_head) is not nn.Linear):
+        ``kernels.linear``). A head swapped for another module (a quantized head, the CPU fast path's prepacked one,
+        tied or not: see the linear-replacement contract in decode.py) is called as a module."""
+        if self.lm_head is not None and type(self.lm_head) is not nn.Linear:
             return self.logits(self.norm_f(x))
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return kernels.linear(x, w, norm_weight=self.norm_f.weight, norm_eps=self.norm_f.eps)

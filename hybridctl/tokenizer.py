@@ -33,6 +33,11 @@ HF_FILE = "tokenizer.json"
 HF_CONFIG_FILE = "tokenizer_config.json"
 HF_SPECIAL_MAP_FILE = "special_tokens_map.json"
 SP_FILE = "tokenizer.model"
+# Any one of these marks a directory holding a tokenizer load_tokenizer reads (in the order it tries them).
+TOKENIZER_MARKERS = (MARKER_FILE, HF_FILE, SP_FILE)
+# What an export copies along from a tokenizer directory: every file Hugging Face loaders read, and ours.
+TOKENIZER_FILES = (HF_FILE, HF_CONFIG_FILE, HF_SPECIAL_MAP_FILE, SP_FILE, "vocab.json", "merges.txt",
+                   "added_tokens.json", MARKER_FILE)
 # Used only when neither tokenizer_config.json nor special_tokens_map.json names the EOS token: the end-of-text
 # tokens of the common tokenizer families, looked up among the tokenizer's own special tokens.
 _KNOWN_EOS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "[EOS]")
@@ -207,6 +212,33 @@ class ByteTokenizer(Tokenizer):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         return [_write_marker(directory, self.kind, add_bos=self.add_bos)]
+
+    def save_hf(self, directory: str | Path) -> list[Path]:
+        """A tokenizers-library twin of this tokenizer (ids 0..255 = bytes, then BOS/EOS/PAD) as ``tokenizer.json`` +
+        ``tokenizer_config.json``, so that AutoTokenizer loads an HF export: byte-level pre-tokenisation, one token
+        per byte, no merges."""
+        from tokenizers import Tokenizer as HFTok
+        from tokenizers import decoders, models, pre_tokenizers, processors
+
+        directory = Path(directory)
+        # GPT-2's byte → printable-unicode table (what the ByteLevel pre-tokenizer emits), in byte order.
+        printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+        extra = iter(range(256, 512))
+        chars = {b: chr(b if b in printable else next(extra)) for b in range(256)}
+        t = HFTok(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+        t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        t.decoder = decoders.ByteLevel()
+        specials = ["<|bos|>", "<|eos|>", "<|pad|>"]
+        t.add_special_tokens(specials)
+        assert [t.token_to_id(s) for s in specials] == [self.bos_id, self.eos_id, self.pad_id]
+        if self.add_bos:
+            t.post_processor = processors.TemplateProcessing(single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B",
+                                                             special_tokens=[("<|bos|>", self.bos_id)])
+        t.save(str(directory / HF_FILE))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": specials[0], "eos_token": specials[1],
+                  "pad_token": specials[2], "add_bos_token": self.add_bos, "model_max_length": 1 << 30}
+        (directory / HF_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+        return [directory / HF_FILE, directory / HF_CONFIG_FILE]
 
 
 def _token_content(value: Any) -> str | None:
@@ -436,7 +468,7 @@ def find_tokenizer(directory: Path) -> Path | None:
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    if any((directory / f).is_file() for f in (MARKER_FILE, HF_FILE, SP_FILE)):
+    if any((directory / f).is_file() for f in TOKENIZER_MARKERS):
         return directory
     found: dict[str, list[Path]] = {"hf": [], "sentencepiece": []}
     for p in sorted(directory.iterdir()):

@@ -86,7 +86,7 @@ def test_cpu_fast_twin_matches_decode_step(tie):
     """The CPU fast path (oneDNN-prepacked linears, in-place SSM update) computes the same step, leaves the model
     untouched, is cached, and is rebuilt once a weight changes."""
     from hybridctl.blocks import Mamba2Mixer
-    from hybridctl.generate import cpu_fast_twin
+    from hybridctl.cpu_decode import cpu_fast_twin
 
     model = make_model(pattern="*M-M*M", tie_embeddings=tie)
     twin = cpu_fast_twin(model)
@@ -126,7 +126,7 @@ def test_cpu_fast_twin_batch1_compiled_matvec_matches_decode_step(monkeypatch):
     monkeypatch.setattr(g, "MATVEC_MIN_BYTES", 0)
     model = make_model(pattern="*M-M*M")
     twin = g.cpu_fast_twin(model, matvec=True)
-    if twin is model or twin.packed_head.matvec is None:
+    if twin is model or twin.lm_head.matvec is None:
         pytest.skip(f"no CPU fast path / torch.compile here: {g._matvec_error}")
     assert_twin_steps_match(model, twin, rows=1)
 
@@ -153,7 +153,7 @@ def test_compiled_decode_step_matches_the_eager_step(rows):
     """The torch.compile'd decode step (one graph per layer kind over the pure-PyTorch ops) computes the same
     logits and leaves the same caches as model.decode_step, for left-padded rows, RoPE, GQA and a SwiGLU MLP;
     generate() with compile=True gives the eager greedy tokens."""
-    from hybridctl.generate import DecodeStep
+    from hybridctl.decode import DecodeStep
 
     model = make_model(pattern="*M-M*M", attention={"position": "rope"}, mlp={"activation": "swiglu"})
     prompts = [torch.randint(0, 384, (n,)).tolist() for n in (11, 4)[:rows]]
@@ -179,7 +179,7 @@ def test_compiled_decode_step_matches_the_eager_step(rows):
 
 
 def test_a_failing_compile_falls_back_to_the_eager_step(monkeypatch):
-    from hybridctl import generate as gen_mod
+    from hybridctl import decode as gen_mod
 
     def broken(*_a, **_k):
         raise RuntimeError("inductor exploded\nsecond line")
@@ -459,7 +459,7 @@ def test_dtype_casts_a_given_model_in_place_as_documented():
 def test_the_backend_is_resolved_before_the_first_compiled_step(monkeypatch):
     """Resolving the backend imports mamba_ssm and logs, which Dynamo refuses to trace under fullgraph ("Attempted to
     call function marked as skipped"): the CLI's default --backend left it unresolved until the compiled step."""
-    from hybridctl import generate as gen_mod
+    from hybridctl import decode as gen_mod
     from hybridctl import kernels
 
     real = gen_mod.compiled_step_fns
@@ -480,7 +480,7 @@ def test_the_backend_is_resolved_before_the_first_compiled_step(monkeypatch):
 
 
 def test_a_compile_failure_is_one_warning_line_and_in_full_at_info(monkeypatch, caplog):
-    from hybridctl import generate as gen_mod
+    from hybridctl import decode as gen_mod
 
     def broken(*_a, **_k):
         raise RuntimeError("Attempted to call function marked as skipped\nExplanation: the whole story")
@@ -498,7 +498,7 @@ def test_a_compile_failure_is_one_warning_line_and_in_full_at_info(monkeypatch, 
 
 
 def test_persistent_caches_default_under_the_hybridctl_cache_dir_and_keep_the_users(monkeypatch, tmp_path):
-    from hybridctl.generate import persistent_caches
+    from hybridctl.decode import persistent_caches
 
     for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TRITON_CACHE_AUTOTUNING", "XDG_CACHE_HOME"):
         monkeypatch.delenv(var, raising=False)

@@ -106,7 +106,7 @@ def test_compiled_decode_step_bf16_error_vs_fp32(rows, record):
     import copy
 
     from hybridctl.config import preset
-    from hybridctl.generate import DecodeStep
+    from hybridctl.decode import DecodeStep
     from hybridctl.model import build_model, materialize
 
     cfg = preset("tiny").replace(pattern="M*-M-M-", d_model=256)

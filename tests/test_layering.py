@@ -9,7 +9,7 @@ RANK = {
     "__init__": 0, "config": 0, "recipe": 0,
     "ref": 1, "kernels": 1, "triton_kernels": 1,
     "blocks": 2, "model": 2, "sampling": 2,
-    "checkpoint": 3, "qlinear": 3, "cpu_decode": 3, "parallel": 3, "data": 3, "corpora": 3, "tokenizer": 3, "tasks": 3,
+    "checkpoint": 3, "qlinear": 3, "cpu_decode": 3, "decode": 3, "parallel": 3, "data": 3, "corpora": 3, "tokenizer": 3, "tasks": 3,
     "evaluation": 3,
     **{w: 4 for w in WORKFLOWS},
     "bench": 5, "cli": 6, "__main__": 7,

@@ -1,8 +1,9 @@
 """Checkpoint formats. A checkpoint is a config plus weights; the format is detected by content, never by names.
 
-Every reader returns a ``Source``: the model config, the tensor plan (native names → shape, dtype), a lazy
-``get(name)`` returning one tensor in native layout, the directory holding tokenizer files (if any) and format facts.
-Writers and loaders stream tensor by tensor from a Source, so converting never needs the whole model in memory.
+Every reader returns a ``Source`` (checkpoint/source.py, with the tensor specs and their checks): the model config,
+the tensor plan (native names → shape, dtype), a lazy ``get(name)`` returning one tensor in native layout, the
+directory holding tokenizer files (if any) and format facts. Writers (one signature each: checkpoint/writers.py) and
+``load_model`` stream tensor by tensor from a Source, so converting never needs the whole model in memory.
 
 Formats: ``native`` (hybridctl: config.json + safetensors), ``hf`` (NemotronH / Mamba2ForCausalLM / mamba_ssm dirs,
 checkpoint/hf.py), ``megatron`` (legacy per-rank and torch_dist, checkpoint/megatron.py).
@@ -10,61 +11,25 @@ checkpoint/hf.py), ``megatron`` (legacy per-rank and torch_dist, checkpoint/mega
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hybridctl.config import HybridctlError, ModelConfig
+from hybridctl.checkpoint.source import (Source, TensorSpec, _numel, _read_json, check_specs, check_state,
+                                         ensure_valid, meta_model, specs_nbytes)
+from hybridctl.config import HybridctlError
+
+__all__ = ["Source", "TensorSpec", "check_specs", "check_state", "detect_format", "ensure_valid", "load_model",
+           "load_tokenizer_for", "meta_model", "open_checkpoint", "specs_nbytes"]
+if TYPE_CHECKING:
+    from hybridctl.model import HybridLM
+    from hybridctl.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-TensorSpec = tuple[tuple[int, ...], torch.dtype]
-
-
-@dataclass
-class Source:
-    format: str  # native | hf-nemotron_h | hf-mamba2 | mamba_ssm | megatron-legacy | megatron-dist
-    path: Path
-    config: ModelConfig
-    specs: dict[str, TensorSpec]  # native name → (shape, stored dtype)
-    get: Callable[[str], torch.Tensor]  # native name → tensor, native layout
-    tokenizer_dir: Path | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-    # True once check_specs passed for (config, specs): readers validate where they open, so load_model / plan_hf /
-    # the writers need not rebuild the meta model again for the same plan.
-    validated: bool = False
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dominant stored dtype (of the largest tensor)."""
-        return max(self.specs.values(), key=lambda s: _numel(s[0]))[1]
-
-
-def specs_nbytes(specs: dict[str, TensorSpec], dtype: torch.dtype | None = None) -> int:
-    """Bytes the tensors of a plan take, stored in their own dtype (or all in ``dtype``)."""
-    return sum(_numel(s) * (dtype or d).itemsize for s, d in specs.values())
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HybridctlError(f"{path}: not valid JSON ({e})") from None
-    return obj if isinstance(obj, dict) else None
+_meta_model = meta_model  # the name other modules imported before source.py (kept for them)
 
 
 def detect_format(path: str | Path) -> str:
@@ -102,88 +67,35 @@ def open_checkpoint(path: str | Path, **options: Any) -> Source:
 
         return open_native(Path(path))
     if fmt in ("hf", "mamba_ssm"):
-        try:
-            from hybridctl.checkpoint.hf import open_hf
-        except ImportError:
-            raise HybridctlError(f"{path}: Hugging Face checkpoints are not supported yet") from None
+        from hybridctl.checkpoint.hf import open_hf
+
         return open_hf(Path(path), **options)
-    try:
-        from hybridctl.checkpoint.megatron import open_megatron
-    except ImportError:
-        raise HybridctlError(f"{path}: Megatron checkpoints are not supported yet") from None
+    from hybridctl.checkpoint.megatron import open_megatron
+
     return open_megatron(Path(path), **options)
 
 
-def check_specs(config: ModelConfig, specs: dict[str, TensorSpec], where: str,
-                quantization: dict[str, Any] | None = None) -> None:
-    """Strict comparison of a tensor plan with the model the config describes (with the module swaps of a
-    config.json ``quantization`` section, qlinear.apply_quantization): names, shapes and dtype kinds, one clear
-    error on any mismatch. A weight stored as an integer or bool is refused unless the (quantized) model holds an
-    integer tensor there."""
-    meta = _meta_model(config, quantization).state_dict()
-    for k, v in meta.items():
-        dt = specs[k][1] if k in specs else None
-        if dt is not None and v.dtype.is_floating_point != dt.is_floating_point:
-            need = ("a floating-point" if v.dtype.is_floating_point
-                    else f"an integer ({str(v.dtype).removeprefix('torch.')})")
-            raise HybridctlError(f"{where}: {k} is stored as {str(dt).removeprefix('torch.')}, the model needs "
-                                 f"{need} tensor")
-    expected = {k: tuple(v.shape) for k, v in meta.items()}
-    missing = [k for k in expected if k not in specs]
-    unexpected = [k for k in specs if k not in expected]
-    if missing:
-        raise HybridctlError(f"{where}: missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)"
-                                                                          if len(missing) > 1 else ""))
-    if unexpected:
-        raise HybridctlError(f"{where}: unexpected tensor {unexpected[0]!r} for this config"
-                             + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-    for k, shape in expected.items():
-        if tuple(specs[k][0]) != shape:
-            raise HybridctlError(f"{where}: {k} has shape {tuple(specs[k][0])}, the config implies {shape}")
-        if not meta[k].dtype.is_floating_point and specs[k][1] != meta[k].dtype:  # quantized weights
-            raise HybridctlError(f"{where}: {k} is stored as {specs[k][1]}, the quantization section implies "
-                                 f"{meta[k].dtype}")
-
-
-def _meta_model(config: ModelConfig, quantization: dict[str, Any] | None):
-    from hybridctl.model import build_model
-
-    model = build_model(config)
-    if quantization is not None:
-        from hybridctl.qlinear import apply_quantization
-
-        apply_quantization(model, quantization, "config.json quantization")
-    return model
-
-
-def ensure_valid(src: Source) -> Source:
-    """check_specs once per Source: a no-op when the reader (or an earlier caller) already validated it."""
-    if not src.validated:
-        check_specs(src.config, src.specs, str(src.path), src.info.get("quantization"))
-        src.validated = True
-    return src
-
-
 def load_model(path: str | Path | Source, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               **options: Any):
-    """Load any readable checkpoint into a HybridLM: build on meta → check the plan strictly → load with assign.
+               **options: Any) -> tuple[HybridLM, Source]:
+    """Load any readable checkpoint into a HybridLM, the one load path: build on meta → apply the module swaps the
+    checkpoint's config declares (its ``quantization`` section) → check the tensor plan strictly against *that*
+    model → materialise with ``load_state_dict(assign=True)``, casting floating tensors only.
 
-    Returns (model in eval mode, source). dtype defaults to the checkpoint's stored dtype. A quantized checkpoint
-    (config.json ``quantization``) gets its module swaps on meta; its integer tensors keep their stored dtype.
-    """
+    Returns (model in eval mode, source). dtype: of the floating tensors; default the checkpoint's dominant stored
+    floating dtype. Integer tensors (a quantized checkpoint's qweight) keep their stored dtype."""
     src = path if isinstance(path, Source) else open_checkpoint(path, **options)
-    ensure_valid(src)
-    quant = src.info.get("quantization")
+    model = meta_model(src.config, src.quantization)
+    if not src.validated:
+        check_state(model.state_dict(), src.specs, str(src.path))
+        src.validated = True
     floats = {n: s for n, s in src.specs.items() if s[1].is_floating_point}
-    dtype = dtype or (src.dtype if quant is None else max(floats.values(), key=lambda s: _numel(s[0]))[1])
-    model = _meta_model(src.config, quant)
-    sd = {name: src.get(name).to(device=device, dtype=dtype if name in floats or quant is None else None)
-          for name in src.specs}
+    dtype = dtype or max(floats.values(), key=lambda s: _numel(s[0]))[1]
+    sd = {name: src.get(name).to(device=device, dtype=dtype if name in floats else None) for name in src.specs}
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval(), src
 
 
-def load_tokenizer_for(src: Source, override: str | None = None):
+def load_tokenizer_for(src: Source, override: str | None = None) -> Tokenizer:
     """The tokenizer stored with a checkpoint (or the override path / 'byte'); error if there is none."""
     from hybridctl.tokenizer import build_tokenizer, load_tokenizer
 

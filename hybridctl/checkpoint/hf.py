@@ -27,19 +27,17 @@ from typing import Any
 
 import torch
 
-from hybridctl.checkpoint import Source, TensorSpec, _read_json, check_specs, ensure_valid
-from hybridctl.checkpoint.io import (SafetensorsReader, atomic_dir, copy_files, find_tokenizer_dir, write_json,
-                                     write_sharded)
 from hybridctl.checkpoint.hf_config import (from_mamba2, from_mamba_ssm, from_nemotron, hybridctl_block,
                                             mamba2_config, nemotron_config, require)
+from hybridctl.checkpoint.io import (SafetensorsReader, atomic_dir, copy_files, find_tokenizer_dir, write_json,
+                                     write_sharded)
 from hybridctl.checkpoint.keymaps import HF_BACKBONE, HF_MLP_ACT, HF_MODEL_PREFIX, MAMBA_SSM, KeyMap
 from hybridctl.checkpoint.numbers import HF_NULLABLE, check_config_numbers
+from hybridctl.checkpoint.source import Source, TensorSpec, _read_json, check_specs, ensure_valid
 from hybridctl.config import ATTENTION, MAMBA, MLP, HybridctlError, ModelConfig
 
 log = logging.getLogger(__name__)
 ARCHS = ("auto", "nemotron_h", "mamba2")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "hybridctl_tokenizer.json")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -338,39 +336,17 @@ def plan_hf(src: Source, *, arch: str = "auto", dtype: torch.dtype | None = None
     return HFPlan(arch, config, specs, native_names, notes, tokenizer=tok), src
 
 
-def _byte_tokenizer_json(tok: Any, out: Path) -> None:
-    """A tokenizers-library twin of hybridctl's byte tokenizer (ids 0..255 = bytes, then BOS/EOS/PAD), so that
-    AutoTokenizer loads the export: byte-level pre-tokenisation, one token per byte, no merges."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
-    # GPT-2's byte → printable-unicode table (what the ByteLevel pre-tokenizer emits), in byte order.
-    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    extra = iter(range(256, 512))
-    chars = {b: chr(b if b in printable else next(extra)) for b in range(256)}
-    t = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    t.decoder = decoders.ByteLevel()
-    specials = ["<|bos|>", "<|eos|>", "<|pad|>"]
-    t.add_special_tokens(specials)
-    assert [t.token_to_id(s) for s in specials] == [tok.bos_id, tok.eos_id, tok.pad_id]
-    if tok.add_bos:
-        t.post_processor = processors.TemplateProcessing(single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B",
-                                                         special_tokens=[("<|bos|>", tok.bos_id)])
-    t.save(str(out / "tokenizer.json"))
-    write_json(out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": specials[0],
-                                               "eos_token": specials[1], "pad_token": specials[2],
-                                               "add_bos_token": tok.add_bos, "model_max_length": 1 << 30})
-
-
 def _write_tokenizer(src: Source, tok: Any, out: Path) -> None:
     if tok is None:
         return
     if tok.kind == "byte":
-        _byte_tokenizer_json(tok, out)
+        tok.save_hf(out)
         tok.save(out)  # the hybridctl marker: reading this dir back gives the exact byte tokenizer
     elif not src.tokenizer_dir.is_dir():  # a tokenizer file found by content under another name
         tok.save(out)  # as tokenizer.json / tokenizer.model (+ tokenizer_config.json), the names HF loaders read
     else:
+        from hybridctl.tokenizer import TOKENIZER_FILES
+
         copy_files(src.tokenizer_dir, out, TOKENIZER_FILES)
 
 

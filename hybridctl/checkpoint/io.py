@@ -27,8 +27,6 @@ SINGLE_NAME = "model.safetensors"
 # safetensors dtype tags → torch dtypes: the stored dtypes hybridctl reads
 ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
              "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8}
-# any one of these marks a directory holding a tokenizer hybridctl.tokenizer.load_tokenizer reads
-TOKENIZER_MARKERS = ("hybridctl_tokenizer.json", "tokenizer.json", "tokenizer.model")
 
 
 def check_out_path(out: str | os.PathLike, sources: Iterable[str | os.PathLike], *, option: str = "--out") -> None:
@@ -252,8 +250,8 @@ def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:
 
 def find_tokenizer_dir(*dirs: Path) -> Path | None:
     """The tokenizer of the first of ``dirs`` that has one (`hybridctl.tokenizer.find_tokenizer`: the directory when
-    it holds TOKENIZER_MARKERS, else a tokenizer file found there by content), or None. ``load_tokenizer`` takes
-    either form."""
+    it holds one of tokenizer.TOKENIZER_MARKERS, else a tokenizer file found there by content), or None.
+    ``load_tokenizer`` takes either form."""
     from hybridctl.tokenizer import find_tokenizer
 
     return next((t for d in dirs if (t := find_tokenizer(Path(d))) is not None), None)

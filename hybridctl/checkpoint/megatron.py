@@ -13,10 +13,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from hybridctl.checkpoint import Source
 from hybridctl.checkpoint.megatron_dist import count_writes_dist, is_dist_dir, open_dist, write_megatron_dist
 from hybridctl.checkpoint.megatron_legacy import (TRACKER, count_writes, is_legacy_dir, open_legacy,
                                                   write_megatron_legacy)
+from hybridctl.checkpoint.source import Source
 from hybridctl.config import HybridctlError
 
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")

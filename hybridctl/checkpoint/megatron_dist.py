@@ -27,7 +27,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint import metadata as dcp_meta
 
-from hybridctl.checkpoint import Source, TensorSpec
 from hybridctl.checkpoint.io import atomic_dir, carry_tokenizer, write_json
 from hybridctl.checkpoint.megatron_args import args_from_config, padded_vocab
 from hybridctl.checkpoint.megatron_keys import (
@@ -35,6 +34,7 @@ from hybridctl.checkpoint.megatron_keys import (
 )
 from hybridctl.checkpoint.megatron_source import build_source, is_weight_key
 from hybridctl.checkpoint.safe_pickle import SafeFileSystemReader, safe_torch_load
+from hybridctl.checkpoint.source import Source, TensorSpec
 from hybridctl.config import HybridctlError
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from hybridctl.checkpoint import Source, TensorSpec
 from hybridctl.checkpoint.io import atomic_dir, carry_tokenizer
 from hybridctl.checkpoint.megatron_args import args_from_config, padded_vocab
 from hybridctl.checkpoint.megatron_keys import (
@@ -28,6 +27,7 @@ from hybridctl.checkpoint.megatron_keys import (
 )
 from hybridctl.checkpoint.megatron_source import build_source, is_weight_key, tp_dim_of_key
 from hybridctl.checkpoint.safe_pickle import safe_torch_load
+from hybridctl.checkpoint.source import Source, TensorSpec
 from hybridctl.config import HybridctlError
 
 RANK_FILE = "model_optim_rng.pt"

@@ -13,11 +13,11 @@ from typing import Any, Callable
 
 import torch
 
-from hybridctl.checkpoint import Source, TensorSpec, check_specs
 from hybridctl.checkpoint.io import find_tokenizer_dir
 from hybridctl.checkpoint.megatron_args import HYBRIDCTL_VOCAB_ARG, config_from_args, unpadded_vocab
 from hybridctl.checkpoint.megatron_keys import EXTRA_STATE, Entry, Split, all_entries, layer_kind_of_keys
 from hybridctl.checkpoint.numbers import check_config_numbers
+from hybridctl.checkpoint.source import Source, TensorSpec, check_specs
 from hybridctl.config import HybridctlError
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from hybridctl.checkpoint import Source, TensorSpec, _read_json, check_specs
 from hybridctl.checkpoint.io import (SafetensorsReader, atomic_dir, carry_tokenizer, check_tokenizer_fits, write_json,
                                      write_sharded)
+from hybridctl.checkpoint.source import Source, TensorSpec, _read_json, check_specs
 from hybridctl.config import HybridctlError, ModelConfig
 
 FORMAT_NAME = "hybridctl"
@@ -42,8 +42,8 @@ def write_native(out: str | Path, *, config: ModelConfig, specs: dict[str, Tenso
     tokenizer: an object with ``save(dir)`` (hybridctl.tokenizer), or tokenizer_dir: files copied from there.
     validated: (config, specs) already passed check_specs (e.g. ``Source.validated``); skips the repeat.
     """
-    if not validated:
-        check_specs(config, specs, "write_native")
+    if not validated:  # a quantized model's extra carries its config.json section: checked against those swaps
+        check_specs(config, specs, "write_native", (extra or {}).get("quantization"))
     out = Path(out)
     out_specs = {k: (shape, dtype or dt) for k, (shape, dt) in specs.items()}
     if tokenizer is not None:
