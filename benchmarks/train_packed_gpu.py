@@ -225,6 +225,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile each block (default: on, off with --tiny)")
+    ap.add_argument("--no-unpacked", action="store_true", help="only the packed rows (unpacked measured elsewhere)")
     ap.add_argument("--mamba-ssm", default="", metavar="MB",
                     help="also train mamba_ssm's MambaLMHeadModel at the first seq with this micro-batch (GPU)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: the tiny recipe at seq 256 and 512, fp32")
@@ -245,7 +246,7 @@ def main() -> None:
     kinds = [None if k == "auto" else k for k in args.kinds.split(",")]
     t0, rows = time.perf_counter(), []
     for seq in seqs:
-        for packed, kind in [(False, None)] + [(True, k) for k in kinds]:
+        for packed, kind in [(False, None)] * (not args.no_unpacked) + [(True, k) for k in kinds]:
             rows.append(bench(args, seq, packed, kind, dev))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "step_s_all"}), flush=True)
     if args.mamba_ssm and dev.type == "cuda":
