@@ -78,7 +78,7 @@ def bench_training(name: str, steps: int, warmup: int, peak: float, packed: bool
                    compile_: bool = False) -> dict:
     """Tokens/s and MFU of the real train_step for one recipe; the first micro-batch/AC setting that fits."""
     dev = torch.device(DEVICE)
-    info = DistInfo(0, 1, 0, dev)
+    info = DistInfo(0, 1, dev)
     tried = []
     for micro, ac in CANDIDATES[name]:
         recipe = load_recipe(ROOT / "recipes" / f"{name}.toml",

@@ -149,6 +149,52 @@ def bench(args, seq: int, packed: bool, kind: str | None, dev: torch.device) -> 
     return dict(row=label, seq_len=seq, packed=packed, error="no configuration fits", skipped=skipped)
 
 
+def bench_mamba_ssm(args, cfg, seq: int, micro: int, dev: torch.device) -> dict:
+    """mamba_ssm's MambaLMHeadModel, a pure Mamba-2 of the recipe's width (48 layers, N 128, P 64, G 8, tied), trained
+    like ours: fp32 master weights, bf16 autocast, fused AdamW, unfused path (causal_conv1d absent: use_mem_eff_path
+    False), the loader's tokens without seq_idx; tokens/s of the median step."""
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    mc = MambaConfig(d_model=cfg.d_model, n_layer=48, d_intermediate=0, vocab_size=cfg.vocab_size,
+                     ssm_cfg={"layer": "Mamba2", "d_state": 128, "headdim": 64, "ngroups": 8,
+                              "use_mem_eff_path": False},
+                     rms_norm=True, residual_in_fp32=True, fused_add_norm=False, pad_vocab_size_multiple=16)
+    model = MambaLMHeadModel(mc, device=dev, dtype=torch.float32).train()
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    batches = _batches(seq, micro, 2)
+
+    def step(b):
+        ids, labels = b["input_ids"].to(dev), b["labels"].to(dev)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(ids).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for i in range(args.warmup):
+        step(batches[i % 2])
+    _sync(dev)
+    times = []
+    for i in range(args.steps):
+        t = time.perf_counter()
+        step(batches[i % 2])
+        _sync(dev)
+        times.append(time.perf_counter() - t)
+    s = statistics.median(times)
+    out = dict(row=f"mamba_ssm MambaLMHeadModel T={seq}", seq_len=seq, micro_batch=micro, params=params, step_s=s,
+               tokens_per_s=micro * seq / s, max_memory_gib=torch.cuda.max_memory_allocated(dev) / 2**30)
+    del model, opt
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
 def _table(rows: list[dict]) -> str:
     head = f"{'row':<34}{'mb':>3}{'ac':>3}{'docs/row':>9}{'step s':>8}{'tok/s':>10}{'MFU':>7}{'mem GiB':>8}" \
            f"{'est GiB':>8}{'attn':>6}"
@@ -156,6 +202,10 @@ def _table(rows: list[dict]) -> str:
     for r in rows:
         if "error" in r:
             lines.append(f"{r['row']:<34} {r['error']} ({'; '.join(r['skipped'])})")
+            continue
+        if "attention_share" not in r:  # the mamba_ssm peer row
+            lines.append(f"{r['row']:<34}{r['micro_batch']:>3}{'n':>3}{'-':>9}{r['step_s']:>8.3f}"
+                         f"{r['tokens_per_s']:>10,.0f}{'-':>7}{r['max_memory_gib']:>8.1f}")
             continue
         mem = f"{r['max_memory_gib']:>8.1f}" if r["max_memory_gib"] is not None else f"{'-':>8}"
         share = f"{r['attention_share']:>6.1%}" if r["attention_share"] is not None else f"{'-':>6}"
@@ -175,6 +225,9 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile each block (default: on, off with --tiny)")
+    ap.add_argument("--no-unpacked", action="store_true", help="only the packed rows (unpacked measured elsewhere)")
+    ap.add_argument("--mamba-ssm", default="", metavar="MB",
+                    help="also train mamba_ssm's MambaLMHeadModel at the first seq with this micro-batch (GPU)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: the tiny recipe at seq 256 and 512, fp32")
     args = ap.parse_args()
     args.compile = (not args.tiny) if args.compile is None else args.compile
@@ -193,9 +246,19 @@ def main() -> None:
     kinds = [None if k == "auto" else k for k in args.kinds.split(",")]
     t0, rows = time.perf_counter(), []
     for seq in seqs:
-        for packed, kind in [(False, None)] + [(True, k) for k in kinds]:
+        for packed, kind in [(False, None)] * (not args.no_unpacked) + [(True, k) for k in kinds]:
             rows.append(bench(args, seq, packed, kind, dev))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "step_s_all"}), flush=True)
+    if args.mamba_ssm and dev.type == "cuda":
+        try:
+            rows.append(bench_mamba_ssm(args, _recipe(args, seqs[0], 1, False).model_config(), seqs[0],
+                                        int(args.mamba_ssm), dev))
+        except Exception as e:  # noqa: BLE001 - the peer row is reported, not fatal
+            rows.append(dict(row="mamba_ssm MambaLMHeadModel", error=f"{type(e).__name__}: {e}"[:300], skipped=[]))
+        print(json.dumps(rows[-1]), flush=True)
+        ours = next((r for r in rows if r.get("seq_len") == seqs[0] and r.get("packed") and "mfu" in r), None)
+        if ours and "tokens_per_s" in rows[-1]:
+            rows[-1]["ratio_ours_over_mamba_ssm"] = ours["tokens_per_s"] / rows[-1]["tokens_per_s"]
     result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
               "torch": torch.__version__, "backend": kernels.describe(), "peak_tflops": args.peak_tflops,
               "command": " ".join(sys.argv), "rows": rows, "wall_s": time.perf_counter() - t0}
@@ -205,7 +268,7 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=1))
     print(f"device: {result['device']}   torch {torch.__version__}   backend: {kernels.describe()}")
     print(_table(rows))
-    if any("error" in r for r in rows):
+    if any("error" in r for r in rows if "mamba_ssm" not in r["row"]):
         sys.exit(1)
 
 

@@ -43,6 +43,23 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            reduction="sum")
 
 
+def chunked_lm_loss_sum(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor,
+                        chunk_tokens: int) -> torch.Tensor:
+    """``lm_loss_sum(head(hidden), labels)`` without ever holding more than ``chunk_tokens`` rows of logits: the
+    flattened tokens are cut into chunks, each chunk's head + fp32 cross-entropy runs under activation
+    checkpointing (recomputed in backward), and the chunk sums are added. hidden [B,T,D], labels [B,T]."""
+    from torch.utils.checkpoint import checkpoint
+
+    def piece(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(h).float(), y, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    h, y = hidden.flatten(0, 1), labels.flatten()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk_tokens):
+        total = total + checkpoint(piece, h[i:i + chunk_tokens], y[i:i + chunk_tokens], use_reentrant=False)
+    return total
+
+
 @dataclass
 class TaskAccuracy:
     """``exact_match``: fraction of examples whose answer tokens are all right; ``token_accuracy`` per token."""

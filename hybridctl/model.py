@@ -299,6 +299,17 @@ def _activation_bytes_per_token(cfg: ModelConfig, kind: str, b: int) -> float:
     return block + f * b * (4 if cfg.mlp.activation == "swiglu" else 2)
 
 
+LOSS_CHUNK_TOKENS = 8192  # tokens per chunk of the chunked LM loss
+LOSS_CHUNK_ABOVE_BYTES = 8 * 2**30  # chunk the loss when the fp32 logits of a micro-batch would exceed this
+
+
+def loss_chunk_tokens(tokens: int, vocab_size: int) -> int | None:
+    """Tokens per chunk of the LM loss for a micro-batch of ``tokens`` tokens (None: the plain, unchunked loss).
+    Above LOSS_CHUNK_ABOVE_BYTES of fp32 logits the head and loss run per chunk and are recomputed in backward, so
+    only one chunk's logits are ever held (hybridctl.evaluation.chunked_lm_loss_sum)."""
+    return LOSS_CHUNK_TOKENS if tokens * vocab_size * 4 > LOSS_CHUNK_ABOVE_BYTES else None
+
+
 def training_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int, activation_checkpointing: bool,
                     world_size: int = 1, compute_bytes: int = 2, n_params: int | None = None) -> dict[str, float]:
     """Estimated peak bytes per device of one training step: fp32 master params, fp32 grads, AdamW's two fp32
@@ -314,8 +325,9 @@ def training_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int, activat
         layers = len(per_layer) * cfg.d_model * 4 + max(per_layer, default=0)
     else:
         layers = sum(per_layer)
-    head = cfg.d_model * (4 + 4 + compute_bytes) + cfg.vocab_size * (compute_bytes + 4 + 4 + 4)
-    acts = tokens * (layers + head)
+    head_tokens = loss_chunk_tokens(tokens, cfg.vocab_size) or tokens  # chunked loss: one chunk's logits live
+    acts = tokens * (layers + cfg.d_model * (4 + 4 + compute_bytes)) + \
+        head_tokens * cfg.vocab_size * (compute_bytes + 4 + 4 + 4)
     return {"params": n_params * 4 / world_size, "grads": n_params * 4 / world_size,
             "optimizer": n_params * 8 / world_size, "activations": acts, "total": static + acts}
 

@@ -41,7 +41,7 @@ from hybridctl.checkpoint.training import (  # noqa: F401 - part of this workflo
 from hybridctl.config import HybridctlError, ModelConfig
 from hybridctl.data import IGNORE_INDEX
 from hybridctl.evaluation import evaluate as evaluate_batches
-from hybridctl.evaluation import lm_loss_sum, perplexity
+from hybridctl.evaluation import chunked_lm_loss_sum, lm_loss_sum, perplexity
 from hybridctl.recipe import Recipe, dump_toml
 
 log = logging.getLogger(__name__)
@@ -229,6 +229,8 @@ def train_step(model, optimizer, batches: list[dict[str, torch.Tensor]], recipe:
 
     batches: dicts of input_ids / labels int64 [B,T] and seq_idx int32 [B,T] (optional: None = one document per row).
     """
+    from hybridctl.model import loss_chunk_tokens
+
     dev = info.device
     n_tok = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches).to(dev, torch.float64)
     n_tok = parallel.all_reduce_sum(n_tok).clamp(min=1)
@@ -236,9 +238,12 @@ def train_step(model, optimizer, batches: list[dict[str, torch.Tensor]], recipe:
     for b in batches:
         x, y = b["input_ids"].to(dev, non_blocking=True), b["labels"].to(dev, non_blocking=True)
         s = b["seq_idx"].to(dev, non_blocking=True) if b.get("seq_idx") is not None else None
+        chunk = loss_chunk_tokens(y.numel(), model.cfg.vocab_size) if info.world_size == 1 else None
         with _autocast(recipe, dev):
-            logits = model(x, seq_idx=s)
-        ce = lm_loss_sum(logits, y)
+            if chunk is None:
+                ce = lm_loss_sum(model(x, seq_idx=s), y)
+            else:  # long rows: the [B,T,V] logits would not fit; head + loss per chunk, recomputed in backward
+                ce = chunked_lm_loss_sum(model.logits, model(x, seq_idx=s, return_hidden=True), y, chunk)
         # FSDP averages gradients over ranks: scale by world size so the result is the global token mean
         (ce * (info.world_size / n_tok.float())).backward()
         loss_sum += ce.detach().double()
