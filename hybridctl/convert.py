@@ -159,20 +159,30 @@ def convert(*, src: str | Path, to: str, out: str | Path | None, dtype: str | No
     parse_size(shard_size)  # validate early
     _check_source_options(detect_format(src), src, iteration, trust_pickle)
     source = open_checkpoint(src, iteration=iteration, trust_pickle=trust_pickle)
-    if source.info.get("quantization") is not None:  # integer weights: no exporter writes them yet
-        raise HybridctlError(f"{src}: a quantized checkpoint ({source.info['quantization'].get('method')}) cannot be "
-                             f"converted to {to} yet; convert the original checkpoint")
+    quantized = source.info.get("quantization") is not None
+    if quantized:  # integer weights: only the compressed-tensors HF layout holds them (checkpoint/compressed.py)
+        from hybridctl.checkpoint import compressed
+
+        compressed.refuse_target(source, to)
     notes = list(source.info.get("notes", []))
     vocab_size = _auto_vocab(source, to, vocab_size, notes)
     arch, files = None, []
     if to == "hf":
-        plan, stripped = plan_hf(source, arch=hf_arch, dtype=tdtype, vocab_size=vocab_size)
+        if quantized:
+            plan, packed = compressed.plan_compressed(source, arch=hf_arch, dtype=tdtype, vocab_size=vocab_size)
+            stripped = packed.view
+        else:
+            plan, stripped = plan_hf(source, arch=hf_arch, dtype=tdtype, vocab_size=vocab_size)
         arch, n_tensors, nbytes = plan.arch, len(plan.specs), specs_nbytes(plan.specs)
         notes += plan.notes
         if not dry_run:
             with _progress(n_tensors, progress, "convert → hf") as bar:
-                plan = write_hf(out, stripped, max_shard_size=shard_size, overwrite=overwrite, progress=bar.update,
-                                plan=plan)
+                if quantized:
+                    plan = compressed.write_compressed(out, plan, packed, max_shard_size=shard_size,
+                                                       overwrite=overwrite, progress=bar.update)
+                else:
+                    plan = write_hf(out, stripped, max_shard_size=shard_size, overwrite=overwrite,
+                                    progress=bar.update, plan=plan)
             files = plan.files
         final = stripped
     else:
