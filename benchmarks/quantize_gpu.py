@@ -1,6 +1,6 @@
 """GPU figures of ``hybridctl quantize`` (one H200 call, benchmarks/quantize.md):
 
-1. ``kernels``: the Triton dequantizing GEMV / skinny GEMM (hybridctl/triton_qgemv.py), compiled, bf16, at
+1. ``kernels``: the Triton dequantizing GEMV / skinny GEMM (hybridctl/triton_kernels.py (last section)), compiled, bf16, at
    hybrid-1.3b's shapes, against dequantize-then-matmul in fp64 (and the bf16 twin's own error).
 2. ``speed``: hybrid-1.3b bf16 (random init: speed does not depend on the values), decode tokens/s through
    ``generate`` (CUDA graph, compile off for every variant) at batch 1 / 8 / 64 with a 1K prompt: bf16, our int8 and
@@ -65,7 +65,7 @@ def guarded(label: str, fn, out: str):
 
 
 def kernels_check(cfg, dev: str) -> list[dict]:
-    from hybridctl import triton_qgemv as tq
+    from hybridctl import triton_kernels as tq
 
     rows = []
     d = cfg.d_model

@@ -14,7 +14,9 @@ swapped (``apply_quantization``). The layout is portable: the CPU int4 kernel's 
 Kernels: on CPU, PyTorch's weight-only ops (``aten._weight_int8pack_mm``; ``aten._weight_int4pack_mm_for_cpu`` on
 the ``aten._convert_weight_to_int4pack_for_cpu`` copy, which dequantizes ``(u - 8) · scale + zero`` with u in
 [0, 15]: our q + 8, zero 0); elsewhere, above KERNEL_MAX_ROWS rows, and where an op's shape rules fail (int4
-needs N % 16 == 0), the twin.
+needs N % 16 == 0), the twin. On CUDA: hybridctl's Triton kernels (triton_kernels.py) — the dequantizing GEMV up to
+GPU_GEMV_MAX_ROWS rows (decode), a skinny tl.dot GEMM up to GPU_QMM_MAX_ROWS (a batch's decode step), the twin beyond
+(prefill: dequantize into one cuBLAS GEMM).
 Every kernel has a pure-PyTorch dequantize-then-matmul twin with the same signature (``*_mm_ref``), the oracle of
 the tests.
 
@@ -45,7 +47,7 @@ Tensor = torch.Tensor
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 KERNEL_MAX_ROWS = 16  # more rows than this: dequantize-then-matmul (the ops are slow at large M on CPU)
-GPU_GEMV_MAX_ROWS = 4  # CUDA: up to this many rows, the Triton dequantizing GEMV (triton_qgemv.py)
+GPU_GEMV_MAX_ROWS = 4  # CUDA: up to this many rows, the Triton dequantizing GEMV (triton_kernels.py)
 GPU_QMM_MAX_ROWS = 256  # CUDA: up to this many, the Triton skinny GEMM; beyond (prefill), dequantize into cuBLAS
 _EPS = 1e-12
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -148,18 +150,10 @@ def int4_mm(x: Tensor, packed: Tensor, sz: Tensor, group_size: int) -> Tensor:
 
 
 def _triton_ops():
-    """hybridctl.triton_qgemv, or None where Triton does not import (cached)."""
-    global _TQ
-    if _TQ is None:
-        try:
-            from hybridctl import triton_qgemv
-            _TQ = triton_qgemv
-        except Exception:  # noqa: BLE001 - no Triton / no driver: the twins serve
-            _TQ = False
-    return _TQ or None
+    """hybridctl.triton_kernels (through kernels.py, the one module that imports it), or None without Triton."""
+    from hybridctl import kernels
 
-
-_TQ: Any = None
+    return kernels.triton_ops()
 
 
 def triton_forward(mod: "_QuantLinear", x: Tensor) -> Tensor:

@@ -59,6 +59,10 @@ SLOW_TESTS = {
     "test_generate.py::test_sampling_is_reproducible_with_a_seed",
     "test_hf.py::test_export_matches_transformers",
     "test_evaluation.py::test_greedy_forward_matches_generate",
+    "test_qgemv.py::test_quantized_triton_kernels_in_the_interpreter",
+    "test_quantize.py::test_calibrated_quantize_reports_gptq",
+    "test_quantize.py::test_gptq_beats_round_to_nearest_at_int4",
+    "test_quantize.py::test_int8_quality_and_generate_on_the_quantized_checkpoint",
 }
 
 

@@ -1,4 +1,4 @@
-"""The quantized linears' Triton kernels (hybridctl/triton_qgemv.py) run by Triton's CPU interpreter, against fp64
+"""The quantized linears' Triton kernels (hybridctl/triton_kernels.py (last section)) run by Triton's CPU interpreter, against fp64
 dequantize-then-matmul and against qlinear's twins. Run in a subprocess by tests/test_qgemv.py (the interpreter must
 be on before the kernels are defined); fp16 / fp32 only (the interpreter's bf16 is not faithful, see
 tests/triton_interp_cases.py); on a GPU, benchmarks/quantize_gpu.py checks them in bf16."""
@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from hybridctl import qlinear as Q  # noqa: E402
-from hybridctl import triton_qgemv as tq  # noqa: E402
+from hybridctl import triton_kernels as tq  # noqa: E402
 
 ULP = {torch.float16: 2**-11, torch.float32: 2**-24}
 
