@@ -127,9 +127,11 @@ def convert(*, src: str | Path, to: str, out: str | Path | None, dtype: str | No
     parse_size(shard_size)  # validate early
     _check_source_options(detect_format(src), src, iteration, trust_pickle)
     source = open_checkpoint(src, iteration=iteration, trust_pickle=trust_pickle)
-    if source.info.get("quantization") is not None:  # integer weights: no exporter writes them yet
-        raise HybridctlError(f"{src}: a quantized checkpoint ({source.info['quantization'].get('method')}) cannot be "
-                             f"converted to {to} yet; convert the original checkpoint")
+    quantized = source.info.get("quantization") is not None
+    if quantized:  # integer weights: only the compressed-tensors HF layout holds them (checkpoint/compressed.py)
+        from hybridctl.checkpoint import compressed
+
+        compressed.refuse_target(source, to)
     notes = list(source.info.get("notes", []))
     vocab_size = _auto_vocab(source, to, vocab_size, notes)
     writer = WRITERS[to]

@@ -196,6 +196,12 @@ def _decode_ops_for(t: torch.Tensor) -> types.ModuleType | None:
     return _load().triton_ops
 
 
+def triton_ops() -> types.ModuleType | None:
+    """hybridctl.triton_kernels wherever it imports (whatever the backend), else None: the quantized linears' CUDA
+    route (qlinear.triton_forward) and its interpreter tests."""
+    return _load().triton_ops
+
+
 def _kernels_for(t: torch.Tensor) -> _Kernels | None:
     if _inline or not t.is_cuda or backend() != "kernel":
         return None

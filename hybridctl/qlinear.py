@@ -14,7 +14,9 @@ swapped (``apply_quantization``). The layout is portable: the CPU int4 kernel's 
 Kernels: on CPU, PyTorch's weight-only ops (``aten._weight_int8pack_mm``; ``aten._weight_int4pack_mm_for_cpu`` on
 the ``aten._convert_weight_to_int4pack_for_cpu`` copy, which dequantizes ``(u - 8) · scale + zero`` with u in
 [0, 15]: our q + 8, zero 0); elsewhere, above KERNEL_MAX_ROWS rows, and where an op's shape rules fail (int4
-needs N % 16 == 0), the twin.
+needs N % 16 == 0), the twin. On CUDA: hybridctl's Triton kernels (triton_kernels.py) — the dequantizing GEMV up to
+GPU_GEMV_MAX_ROWS rows (decode), a skinny tl.dot GEMM up to GPU_QMM_MAX_ROWS (a batch's decode step), the twin beyond
+(prefill: dequantize into one cuBLAS GEMM).
 Every kernel has a pure-PyTorch dequantize-then-matmul twin with the same signature (``*_mm_ref``), the oracle of
 the tests.
 
@@ -45,7 +47,10 @@ Tensor = torch.Tensor
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 KERNEL_MAX_ROWS = 16  # more rows than this: dequantize-then-matmul (the ops are slow at large M on CPU)
+GPU_GEMV_MAX_ROWS = 4  # CUDA: up to this many rows, the Triton dequantizing GEMV (triton_kernels.py)
+GPU_QMM_MAX_ROWS = 256  # CUDA: up to this many, the Triton skinny GEMM; beyond (prefill), dequantize into cuBLAS
 _EPS = 1e-12
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ---- (de)quantization --------------------------------------------------------------------------------------------
@@ -144,6 +149,28 @@ def int4_mm(x: Tensor, packed: Tensor, sz: Tensor, group_size: int) -> Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size, sz)
 
 
+def _triton_ops():
+    """hybridctl.triton_kernels (through kernels.py, the one module that imports it), or None without Triton."""
+    from hybridctl import kernels
+
+    return kernels.triton_ops()
+
+
+def triton_forward(mod: "_QuantLinear", x: Tensor) -> Tensor:
+    """x [M,K] through the Triton kernels: the GEMV for decode rows, the skinny GEMM for a batch's decode step,
+    dequantize-then-matmul for prefill-sized M (no bias; forward adds it)."""
+    tq, m = _triton_ops(), x.shape[0]
+    if tq is None or m > GPU_QMM_MAX_ROWS:
+        return mod._mm_ref(x)
+    bits = 8 if mod.method == "int8" else 4
+    scales = mod.scales if mod.scales.dtype == x.dtype else mod.scales.to(x.dtype)
+    if m <= GPU_GEMV_MAX_ROWS:
+        if bits == 8:
+            return tq.int8_gemv(x, mod.qweight, scales)
+        return tq.int4_gemv(x, mod.qweight, scales, mod.group_size)
+    return tq.quant_mm(x, mod.qweight, scales, bits, getattr(mod, "group_size", 0))
+
+
 # ---- modules ---------------------------------------------------------------------------------------------------------
 
 
@@ -161,8 +188,13 @@ class _QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features)
+        if self.use_kernel and flat.is_cuda and flat.dtype in _FLOATS:
+            y = triton_forward(self, flat)
         # the weight-only ops are matrix-vector kernels: many rows (prefill, evaluation) dequantize into one GEMM
-        y = self._mm(flat) if self.use_kernel and flat.shape[0] <= KERNEL_MAX_ROWS else self._mm_ref(flat)
+        elif self.use_kernel and flat.shape[0] <= KERNEL_MAX_ROWS:
+            y = self._mm(flat)
+        else:
+            y = self._mm_ref(flat)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)

@@ -163,10 +163,11 @@ def collect_hessians(model: nn.Module, modules: list[str], batches: list[dict[st
         return fn
 
     handles = [model.get_submodule(m).register_forward_pre_hook(hook(m)) for m in modules]
+    dev = _device(model)
     try:
         with torch.no_grad():
             for b in batches:
-                model(b["input_ids"], seq_idx=b.get("seq_idx"))
+                model(b["input_ids"].to(dev), seq_idx=_to(b.get("seq_idx"), dev))
     finally:
         for h in handles:
             h.remove()
@@ -184,16 +185,16 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, method: str, group_siz
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H += damp * torch.diag(H).mean() * torch.eye(k, dtype=H.dtype)
+    H += damp * torch.diag(H).mean() * torch.eye(k, dtype=H.dtype, device=H.device)
     try:
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     except torch.linalg.LinAlgError:
         log.warning("quantize: GPTQ Hessian not positive definite; round-to-nearest for this layer")
         return Q.quantize_int8(w) if method == "int8" else Q.quantize_int4(w, group_size)
     bits, block = (8, 128) if method == "int8" else (4, group_size)
-    qs = torch.empty(n, k, dtype=torch.int8)
+    qs = torch.empty(n, k, dtype=torch.int8, device=W.device)
     row_scales = Q.int8_scales(w) if method == "int8" else None
-    group_scales = torch.empty(n, k // group_size if method == "int4" else 1)
+    group_scales = torch.empty(n, k // group_size if method == "int4" else 1, device=W.device)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         W1, Hi = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
@@ -214,6 +215,14 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, method: str, group_siz
     if method == "int8":
         return qs, row_scales
     return Q.pack_int4(qs), group_scales
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to(t: torch.Tensor | None, dev: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(dev)
 
 
 # ---- data and evaluation -------------------------------------------------------------------------------------------
@@ -246,9 +255,10 @@ def perplexity(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> floa
     from hybridctl.data import IGNORE_INDEX
 
     total, n = 0.0, 0
+    dev = _device(model)
     for b in batches:
-        logits = model(b["input_ids"], seq_idx=b.get("seq_idx"))
-        y = b["labels"]
+        logits = model(b["input_ids"].to(dev), seq_idx=_to(b.get("seq_idx"), dev))
+        y = b["labels"].to(dev)
         total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
                                        reduction="sum"))
         n += int((y != IGNORE_INDEX).sum())
@@ -272,9 +282,10 @@ def greedy(model: nn.Module, prompt: torch.Tensor, n: int) -> list[int]:
 def agreement(source: nn.Module, result: nn.Module, prompt: torch.Tensor, n: int) -> dict[str, Any]:
     """Greedy agreement over ``n`` tokens: the share of the source's greedy tokens the result also predicts
     (teacher-forced on the source's continuation), and the length of the identical free-running prefix."""
+    prompt = prompt.to(_device(source))
     ref = greedy(source, prompt, n)
     mine = greedy(result, prompt, n)
-    seq = torch.cat([prompt, torch.tensor([ref[:-1]])], dim=1)
+    seq = torch.cat([prompt, torch.tensor([ref[:-1]], device=prompt.device)], dim=1)
     pred = result(seq)[0, prompt.shape[1] - 1:].argmax(-1).tolist()
     same = next((i for i, (a, b) in enumerate(zip(ref, mine)) if a != b), n)
     return {"greedy_tokens": n, "greedy_agreement": sum(a == b for a, b in zip(ref, pred)) / n,
@@ -327,9 +338,9 @@ def quantize(*, source: str | Path, out: str | Path | None = None, method: str =
              policy: str = "default", include_head: bool = False, calib: str | None = None,
              calib_samples: int = 128, calib_seq_len: int = 256, eval_data: str | None = "builtin",
              eval_samples: int = 16, eval_seq_len: int = 256, greedy_tokens: int = 200, dry_run: bool = False,
-             max_shard_size: str | int = "5GB") -> QuantizeResult:
+             max_shard_size: str | int = "5GB", device: str = "cpu") -> QuantizeResult:
     """Quantize a checkpoint (see the module docstring). ``eval_data=None`` skips the evaluation; ``dry_run`` only
-    plans (no weights read, nothing written)."""
+    plans (no weights read, nothing written); ``device``: where calibration, quantization and evaluation run (fp32)."""
     from hybridctl.checkpoint import open_checkpoint
 
     t0 = time.perf_counter()
@@ -352,14 +363,14 @@ def quantize(*, source: str | Path, out: str | Path | None = None, method: str =
         return res
     _run(src, res, out_path, calib=calib, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
          eval_data=eval_data, eval_samples=eval_samples, eval_seq_len=eval_seq_len, greedy_tokens=greedy_tokens,
-         max_shard_size=max_shard_size)
+         max_shard_size=max_shard_size, device=device)
     res.seconds = time.perf_counter() - t0
     return res
 
 
 def _run(src, res: QuantizeResult, out: Path, *, calib: str | None, calib_samples: int, calib_seq_len: int,
          eval_data: str | None, eval_samples: int, eval_seq_len: int, greedy_tokens: int,
-         max_shard_size: str | int) -> None:
+         max_shard_size: str | int, device: str = "cpu") -> None:
     from hybridctl.checkpoint import load_model, load_tokenizer_for
 
     tok = None
@@ -375,7 +386,7 @@ def _run(src, res: QuantizeResult, out: Path, *, calib: str | None, calib_sample
                              what="--calib") if calib else None
     eval_batches = _batches(eval_data, tok, split="eval", seq_len=eval_seq_len, batch_size=4, n_rows=eval_samples,
                             what="--eval-data") if eval_data else None
-    model, _ = load_model(src, dtype=torch.float32)
+    model, _ = load_model(src, device=device, dtype=torch.float32)
     hessians = collect_hessians(model, res.modules, calib_batches) if calib_batches else None
     qm = quantized_model(model, res.modules, res.method, res.group_size or 0, hessians)
     write_quantized(qm, src, res, out, max_shard_size=max_shard_size)
@@ -398,7 +409,7 @@ def write_quantized(qm: nn.Module, src, res: QuantizeResult, out: Path, *, max_s
     from hybridctl.checkpoint import check_specs
     from hybridctl.checkpoint.native import dtype_name, write_native
 
-    sd = {k: v.detach() for k, v in qm.state_dict().items()}
+    sd = {k: v.detach().cpu() for k, v in qm.state_dict().items()}
     specs = {}
     for k, v in sd.items():
         mod, _, leaf = k.rpartition(".")

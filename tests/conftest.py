@@ -71,6 +71,10 @@ SLOW_TESTS = {
     "test_interop_megatron.py::test_dry_run_on_megatron_fixtures_writes_nothing",
     "test_interop_megatron.py::test_mamba_ssm_save_pretrained_imports_and_converts",
     "test_interop_megatron.py::test_megatron_core_wide_mamba_dinner_not_multiple_of_hidden",
+    "test_qgemv.py::test_quantized_triton_kernels_in_the_interpreter",
+    "test_quantize.py::test_calibrated_quantize_reports_gptq",
+    "test_quantize.py::test_gptq_beats_round_to_nearest_at_int4",
+    "test_quantize.py::test_int8_quality_and_generate_on_the_quantized_checkpoint",
 }
 
 

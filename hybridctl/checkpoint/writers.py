@@ -122,6 +122,13 @@ def _write_native(out: Path, plan: WritePlan, opts: WriteOptions, progress: Prog
 def _plan_hf(src: Source, opts: WriteOptions) -> WritePlan:
     from hybridctl.checkpoint.hf import plan_hf
 
+    if src.info.get("quantization") is not None:  # integer weights: the compressed-tensors layout (compressed.py)
+        from hybridctl.checkpoint import compressed
+
+        hf, packed = compressed.plan_compressed(src, arch=opts.hf_arch, dtype=opts.dtype, vocab_size=opts.vocab_size)
+        n = len(hf.specs)
+        return WritePlan(packed.view, n, specs_nbytes(hf.specs), lambda: n, list(hf.notes), arch=hf.arch,
+                         detail=(hf, packed))
     hf, stripped = plan_hf(src, arch=opts.hf_arch, dtype=opts.dtype, vocab_size=opts.vocab_size)
     n = len(hf.specs)
     return WritePlan(stripped, n, specs_nbytes(hf.specs), lambda: n, list(hf.notes), arch=hf.arch, detail=hf)
@@ -130,6 +137,12 @@ def _plan_hf(src: Source, opts: WriteOptions) -> WritePlan:
 def _write_hf(out: Path, plan: WritePlan, opts: WriteOptions, progress: Progress) -> list[str]:
     from hybridctl.checkpoint.hf import write_hf
 
+    if isinstance(plan.detail, tuple):  # a quantized source (_plan_hf)
+        from hybridctl.checkpoint import compressed
+
+        hf, packed = plan.detail
+        return compressed.write_compressed(out, hf, packed, max_shard_size=opts.max_shard_size,
+                                           overwrite=opts.overwrite, progress=progress).files
     return write_hf(out, plan.src, max_shard_size=opts.max_shard_size, overwrite=opts.overwrite, progress=progress,
                     plan=plan.detail).files
 

@@ -1,0 +1,302 @@
+"""GPU figures of ``hybridctl quantize`` (one H200 call, benchmarks/quantize.md):
+
+1. ``kernels``: the Triton dequantizing GEMV / skinny GEMM (hybridctl/triton_kernels.py (last section)), compiled, bf16, at
+   hybrid-1.3b's shapes, against dequantize-then-matmul in fp64 (and the bf16 twin's own error).
+2. ``speed``: hybrid-1.3b bf16 (random init: speed does not depend on the values), decode tokens/s through
+   ``generate`` (CUDA graph, compile off for every variant) at batch 1 / 8 / 64 with a 1K prompt: bf16, our int8 and
+   int4 g128 (RTN, policy default), and torchao's weight-only int8 / int4 (``quantize_`` on the same nn.Linear
+   modules; hybridctl's own Triton decode products off for it, which read ``.weight`` as a dense matrix); weight
+   bytes and peak memory of each (the model alone on the GPU).
+3. ``quality``: a hybrid-130m trained for ``--train-steps`` on the embedded corpus (``hybridctl train``), then
+   int8 / int4 RTN / int4 GPTQ perplexity vs the source and greedy agreement (``quantize(device="cuda")``).
+
+    PYTHONPATH=. python benchmarks/quantize_gpu.py --out DIR [--sections kernels,speed,quality] [--smoke]
+
+``--smoke``: tiny sizes on whatever device is there (the CPU rehearsal of the exact script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+
+from hybridctl import kernels
+from hybridctl import qlinear as Q
+from hybridctl.config import preset
+from hybridctl.generate import generate
+from hybridctl.model import build_model, materialize
+from hybridctl.quantize import make_plan, quantize, quantized_model
+
+T0 = time.time()
+RES: dict = {"errors": {}}
+
+
+def log(*a) -> None:
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+def save(out: str) -> None:
+    with open(os.path.join(out, "quantize_gpu.json"), "w") as f:
+        json.dump(RES, f, indent=1, default=str)
+
+
+def guarded(label: str, fn, out: str):
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - a benchmark records what failed and goes on
+        RES["errors"][label] = f"{type(e).__name__}: {str(e)[:400]}"
+        log("ERROR", label, RES["errors"][label])
+        traceback.print_exc()
+        return None
+    finally:
+        save(out)
+
+
+# ---- 1. kernels ------------------------------------------------------------------------------------------------------
+
+
+def kernels_check(cfg, dev: str) -> list[dict]:
+    from hybridctl import triton_kernels as tq
+
+    rows = []
+    d = cfg.d_model
+    shapes = [(2 * cfg.mamba.expand * d + 2 * cfg.mamba.ngroups * cfg.mamba.d_state + cfg.mamba.expand * d
+               // cfg.mamba.headdim, d), (d, cfg.mamba.expand * d), (cfg.mlp.hidden_size, d),
+              (d, cfg.mlp.hidden_size)]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for n, k in shapes:
+        w = torch.randn(n, k, generator=g) / k**0.5
+        for method in ("int8", "int4"):
+            qw, s = Q.quantize_int8(w) if method == "int8" else Q.quantize_int4(w, 128)
+            qw, s = qw.to(dev), s.to(dev, torch.bfloat16)
+            dense = (Q.dequantize_int8(qw, s.double(), torch.float64) if method == "int8"
+                     else Q.dequantize_int4(qw, s.double(), 128, torch.float64))
+            for m in (1, 8, 64):
+                x = torch.randn(m, k, generator=g).to(dev, torch.bfloat16)
+                want = x.double() @ dense.T
+                if m <= Q.GPU_GEMV_MAX_ROWS:
+                    y = tq.int8_gemv(x, qw, s) if method == "int8" else tq.int4_gemv(x, qw, s, 128)
+                else:
+                    y = tq.quant_mm(x, qw, s, 8 if method == "int8" else 4, 128)
+                twin = Q.int8_mm_ref(x, qw, s) if method == "int8" else Q.int4_mm_ref(x, qw, s, 128)
+                scale = want.abs().max().item()
+                rows.append({"n": n, "k": k, "method": method, "rows": m,
+                             "kernel_rel_err": (y.double() - want).abs().max().item() / scale,
+                             "twin_rel_err": (twin.double() - want).abs().max().item() / scale,
+                             "us": _time_us(lambda: tq.int8_gemv(x, qw, s) if method == "int8" and m == 1 else
+                                            tq.int4_gemv(x, qw, s, 128) if m == 1 else
+                                            tq.quant_mm(x, qw, s, 8 if method == "int8" else 4, 128), dev),
+                             "bf16_us": _time_us(lambda: torch.nn.functional.linear(x, dense.to(torch.bfloat16)),
+                                                 dev),
+                             "weight_bytes": qw.numel() + s.numel() * 2})
+                log(json.dumps(rows[-1]))
+    return rows
+
+
+def _time_us(fn, dev: str, n: int = 50) -> float:
+    if dev != "cuda":
+        return float("nan")
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(n):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) * 1000 / n
+
+
+# ---- 2. speed ---------------------------------------------------------------------------------------------------------
+
+
+def _variant(base, cfg, name: str, dev: str):
+    """(model on dev, weight bytes) for a variant of the CPU bf16 ``base``."""
+    specs = {k: (tuple(v.shape), v.dtype) for k, v in base.state_dict().items()}
+    if name.startswith("bf16"):
+        m = copy.deepcopy(base)
+    elif name in ("int8", "int4"):
+        _, modules = make_plan(cfg, specs, method=name, group_size=128, policy="default", include_head=False)
+        m = quantized_model(base, modules, name, 128)
+    else:  # torchao-int8 / torchao-int4, same modules
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+        method = name.split("-")[1]
+        _, modules = make_plan(cfg, specs, method=method, group_size=128, policy="default", include_head=False)
+        m = copy.deepcopy(base).to(dev)
+        wanted = set(modules)
+        conf = (Int8WeightOnlyConfig() if method == "int8" else  # tinygemm (aten._weight_int4pack_mm) on CUDA
+                Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+        quantize_(m, conf, filter_fn=lambda mod, fqn: fqn in wanted)
+    m = m.to(dev).eval()
+    nbytes = _weight_bytes(m)
+    return m, nbytes
+
+
+def _weight_bytes(m) -> int:
+    total = 0
+    for t in list(m.state_dict().values()):
+        inner = getattr(t, "__tensor_flatten__", None)
+        if inner is not None:  # a torchao tensor subclass: its own tensors
+            names, _ = t.__tensor_flatten__()
+            total += sum(getattr(t, n).numel() * getattr(t, n).element_size() for n in names)
+        else:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def speed(cfg, dev: str, batches: list[int], prompt: int, new_tokens: int, variants: list[str],
+          deadline: float) -> list[dict]:
+    base = materialize(build_model(cfg), "cpu").to(torch.bfloat16).eval()
+    rows = []
+    for name in variants:
+        if time.time() > deadline:
+            RES["errors"][f"speed {name}"] = "skipped: out of time"
+            continue
+        m = nbytes = None
+        try:
+            m, nbytes = _variant(base, cfg, name, dev)
+            own = not name.startswith("torchao") and not name.endswith("cublas")
+            for bsz in batches:
+                if time.time() > deadline:
+                    break
+                ids = torch.randint(0, cfg.vocab_size, (bsz, prompt), generator=torch.Generator().manual_seed(0))
+                kw = dict(max_new_tokens=new_tokens if bsz == 1 else max(16, new_tokens // 2), use_eos=False,
+                          compile=False)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                with kernels.decode_kernels(own):
+                    w = generate(m, ids.tolist(), **kw)
+                    r = generate(m, ids.tolist(), **kw)
+                peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
+                rows.append({"model": name, "batch": bsz, "prompt": prompt, "new_tokens": kw["max_new_tokens"],
+                             "decode_tok_s": r.decode_tokens_per_s, "warmup_s": w.warmup_s,
+                             "cuda_graph": r.cuda_graph, "weight_bytes": nbytes, "peak_bytes": peak,
+                             "tokens_head": r.tokens[0][:8]})
+                log(json.dumps(rows[-1]))
+        except Exception as e:  # noqa: BLE001
+            RES["errors"][f"speed {name}"] = f"{type(e).__name__}: {str(e)[:400]}"
+            log("ERROR", name, RES["errors"][f"speed {name}"])
+            traceback.print_exc()
+        finally:
+            del m
+            gc.collect()
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+        RES["speed"] = rows
+    bf = {r["batch"]: r["decode_tok_s"] for r in rows if r["model"] == "bf16"}
+    for r in rows:
+        if r["batch"] in bf:
+            r["vs_bf16"] = r["decode_tok_s"] / bf[r["batch"]]
+    return rows
+
+
+# ---- 3. quality -------------------------------------------------------------------------------------------------------
+
+
+def quality(work: str, dev: str, preset_name: str, steps: int, seq_len: int, eval_samples: int,
+            calib_samples: int) -> dict:
+    recipe = os.path.join(work, "q.toml")
+    with open(recipe, "w") as f:
+        f.write(f'''name = "quant-quality"
+seed = 0
+[model]
+preset = "{preset_name}"
+[data]
+source = "builtin"
+seq_len = {seq_len}
+[tokenizer]
+name = "byte"
+[optim]
+steps = {steps}
+micro_batch = 16
+global_batch = 16
+lr = 2e-3
+min_lr = 2e-4
+warmup_steps = {max(1, steps // 20)}
+schedule = "cosine"
+weight_decay = 0.1
+grad_clip = 1.0
+[checkpoint]
+dir = "{work}/run"
+interval = {steps * 2}
+keep_last = 1
+export = true
+[eval]
+interval = {steps * 2}
+batches = 2
+[logging]
+interval = {max(1, steps // 10)}
+''')
+    t = time.time()
+    run = subprocess.run([sys.executable, "-m", "hybridctl", "train", recipe, "--resume", "never", "--json",
+                          "--device", dev], capture_output=True, text=True, timeout=400,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    out = {"train_seconds": time.time() - t, "train_rc": run.returncode, "recipe": open(recipe).read(),
+           "train_tail": (run.stdout[-1500:] + run.stderr[-1500:])}
+    log("train rc", run.returncode, f"{out['train_seconds']:.0f}s", run.stdout[-800:], run.stderr[-800:])
+    src = os.path.join(work, "run", "final")
+    results = {}
+    for label, kw in (("int8", dict(method="int8")), ("int4-rtn", dict(method="int4")),
+                      ("int4-gptq", dict(method="int4", calib="builtin", calib_samples=calib_samples,
+                                         calib_seq_len=seq_len))):
+        t = time.time()
+        res = quantize(source=src, out=os.path.join(work, label), group_size=128, eval_data="builtin",
+                       eval_samples=eval_samples, eval_seq_len=seq_len, greedy_tokens=200, device=dev, **kw)
+        results[label] = dict(res.eval or {}, seconds=time.time() - t, bytes_before=res.bytes_before,
+                              bytes_after=res.bytes_after, quantized_tensors=len(res.modules))
+        log(label, json.dumps(results[label]))
+        RES["quality"] = dict(out, results=results)
+    return RES["quality"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sections", default="kernels,speed,quality")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--speed-seconds", type=float, default=130)
+    ap.add_argument("--train-steps", type=int, default=300)
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    RES["env"] = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
+                  "argv": sys.argv}
+    try:
+        import torchao
+        RES["env"]["torchao"] = torchao.__version__
+    except Exception as e:  # noqa: BLE001
+        RES["env"]["torchao"] = f"not importable: {e}"
+    sections = a.sections.split(",")
+    big = preset("tiny" if a.smoke else "hybrid-1.3b")
+    if "kernels" in sections and dev == "cuda":
+        RES["kernels"] = guarded("kernels", lambda: kernels_check(big, dev), a.out)
+    if "speed" in sections:
+        variants = ["bf16", "int8", "int4", "torchao-int8", "torchao-int4", "bf16-cublas"]
+        guarded("speed", lambda: speed(big, dev, [1, 8, 64] if not a.smoke else [1, 8], 1024 if not a.smoke else 32,
+                                       128 if not a.smoke else 8, variants, time.time() + a.speed_seconds), a.out)
+    if "quality" in sections:
+        work = os.path.join("/tmp", "quant-quality")
+        os.makedirs(work, exist_ok=True)
+        guarded("quality", lambda: quality(work, dev, "tiny" if a.smoke else "hybrid-130m",
+                                           6 if a.smoke else a.train_steps, 64 if a.smoke else 512,
+                                           4 if a.smoke else 32, 8 if a.smoke else 128), a.out)
+    RES["wall_s"] = time.time() - T0
+    save(a.out)
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
