@@ -59,6 +59,7 @@ SLOW_TESTS = {
     "test_generate.py::test_sampling_is_reproducible_with_a_seed",
     "test_hf.py::test_export_matches_transformers",
     "test_evaluation.py::test_greedy_forward_matches_generate",
+    "test_lm_eval.py::test_cli_wrapper_runs_lm_eval",
 }
 
 
