@@ -143,7 +143,7 @@ def sweep(name: str, cfg: ModelConfig, args, device: torch.device, deadline: flo
                        "est_bytes": weights + cache_bytes(cfg, B, L + MARGIN)}
                 if time.perf_counter() > deadline:
                     row["status"] = "skipped (time budget)"
-                elif row["est_bytes"] > 0.97 * (free_bytes(device) + 0):
+                elif row["est_bytes"] - weights > 0.95 * free_bytes(device):  # the weights are resident already
                     row["status"] = "oom (est.)"
                 else:
                     try:
