@@ -134,8 +134,11 @@ def largest_batch(model, context: int, device: torch.device, hi: int = 1024) -> 
 def sweep(name: str, cfg: ModelConfig, args, device: torch.device, deadline: float) -> dict[str, Any]:
     model = materialize(build_model(cfg, dtype=torch.bfloat16), device, seed=0).eval()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    rows = []
+    rows, fit = [], {}
     with torch.inference_mode():
+        for L in args.fit_contexts:  # first: cheap, and the answer the grid's time budget must not cut
+            fit[str(L)] = largest_batch(model, L, device)
+            print(f"{name}: largest batch at {L}: {fit[str(L)]}", flush=True)
         for L in args.contexts:
             for B in args.batches:
                 row = {"model": name, "batch": B, "context": L,
@@ -154,10 +157,6 @@ def sweep(name: str, cfg: ModelConfig, args, device: torch.device, deadline: flo
                 rows.append(row)
                 print(f"{name} B={B} L={L}: {row['status']} "
                       f"{row.get('decode_tok_s', float('nan')):.1f} tok/s", flush=True)
-        fit = {}
-        for L in args.fit_contexts:
-            fit[str(L)] = largest_batch(model, L, device) if time.perf_counter() < deadline else None
-            print(f"{name}: largest batch at {L}: {fit[str(L)]}", flush=True)
     info = {"params": sum(p.numel() for p in model.parameters()), "weight_bytes": weights,
             "pattern": cfg.pattern, "memory_per_sequence": memory_per_sequence(cfg), "largest_batch": fit}
     del model
@@ -226,10 +225,12 @@ def run(args, device: torch.device, deadline: float) -> dict[str, Any]:
            "steps": args.steps, "compile": args.compile, "cuda_graph": device.type == "cuda",
            "weights": "random (seed 0), bf16", "state_dtype": "float32"}
     result: dict[str, Any] = {"env": env, "models": [n for n, _ in pairs], "rows": [], "info": {}}
-    for name, cfg in pairs:
-        s = sweep(name, cfg, args, device, deadline)
+    for i, (name, cfg) in enumerate(pairs):
+        now = time.perf_counter()  # each model gets an equal share of the time left
+        s = sweep(name, cfg, args, device, now + (deadline - now) / (len(pairs) - i))
         result["rows"] += s["rows"]
         result["info"][name] = s["info"]
+        Path(args.out).write_text(json.dumps(result, indent=1, default=str))  # partial, in case the call is cut
     result["ratios"] = ratios(result["rows"], pairs[0][0], pairs[1][0])
     return result
 
