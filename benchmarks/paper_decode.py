@@ -95,15 +95,16 @@ def time_step(model, batch: int, context: int, steps: int, device: torch.device,
 
 def free_bytes(device: torch.device) -> int:
     if device.type != "cuda":
-        return 16 << 30
+        return 64 << 20  # the CPU smoke test: a small pretend budget (no OutOfMemoryError there, the OOM killer)
     gc.collect()
     torch.cuda.empty_cache()
     return torch.cuda.mem_get_info(device)[0]
 
 
-def largest_batch(model, context: int, device: torch.device, hi: int = 1024) -> int:
-    """The largest batch whose cache at ``context`` can really be allocated (bisection over allocations) and whose
-    decode step then runs once (its activations need room too)."""
+def largest_batch(model, context: int, device: torch.device) -> int:
+    """The largest batch whose cache at ``context`` can really be allocated and whose decode step then runs once:
+    bisection over real allocations, bracketed by the estimate (free memory / cache bytes per row) so that it takes
+    a handful of tries (the first run's doubling search from 1 spent ~30 s per context on the hybrid)."""
     def fits(b: int) -> bool:
         try:
             cache = model.allocate_cache(b, context + MARGIN, device=device)
@@ -119,15 +120,19 @@ def largest_batch(model, context: int, device: torch.device, hi: int = 1024) -> 
         finally:
             free_bytes(device)
 
-    if not fits(1):
+    est = max(1, int(free_bytes(device) / cache_bytes(model.cfg, 1, context + MARGIN)))
+    lo, hi = max(1, int(est * 0.9)), int(est * 1.05) + 2  # invariant below: fits(lo), not fits(hi)
+    while lo > 1 and not fits(lo):
+        lo, hi = max(1, lo // 2), lo
+    if lo == 1 and not fits(1):
         return 0
-    lo = 1
-    while lo * 2 <= hi and fits(lo * 2):
-        lo *= 2
-    top = min(lo * 2, hi + 1)  # fits(lo), not fits(top) (or top beyond hi)
-    while top - lo > 1:
-        mid = (lo + top) // 2
-        lo, top = (mid, top) if fits(mid) else (lo, mid)
+    while fits(hi):
+        lo, hi = hi, hi * 2
+        if device.type != "cuda" and hi > 4 * est:  # nothing runs out on the CPU: stop at the estimate's scale
+            return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
 
@@ -225,9 +230,15 @@ def run(args, device: torch.device, deadline: float) -> dict[str, Any]:
            "steps": args.steps, "compile": args.compile, "cuda_graph": device.type == "cuda",
            "weights": "random (seed 0), bf16", "state_dtype": "float32"}
     result: dict[str, Any] = {"env": env, "models": [n for n, _ in pairs], "rows": [], "info": {}}
-    for i, (name, cfg) in enumerate(pairs):
+    prior = json.loads(Path(args.reuse).read_text()) if args.reuse else {"rows": [], "info": {}}
+    todo = [n for n, _ in pairs if n not in prior["info"]]
+    for name, cfg in pairs:
+        if name not in todo:  # measured in an earlier run (--reuse): its rows and info are taken as they are
+            result["rows"] += [r for r in prior["rows"] if r["model"] == name]
+            result["info"][name] = {**prior["info"][name], "from": args.reuse}
+            continue
         now = time.perf_counter()  # each model gets an equal share of the time left
-        s = sweep(name, cfg, args, device, now + (deadline - now) / (len(pairs) - i))
+        s = sweep(name, cfg, args, device, now + (deadline - now) / (len(todo) - todo.index(name)))
         result["rows"] += s["rows"]
         result["info"][name] = s["info"]
         Path(args.out).write_text(json.dumps(result, indent=1, default=str))  # partial, in case the call is cut
@@ -248,6 +259,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget-s", type=float, default=200.0)
     ap.add_argument("--out", default="paper_decode.json")
     ap.add_argument("--plot", default=None, help="PNG path")
+    ap.add_argument("--reuse", default=None, help="an earlier result JSON: its models are not measured again")
     return ap
 
 
