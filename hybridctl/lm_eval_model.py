@@ -1,6 +1,6 @@
 """lm-evaluation-harness adapter: any checkpoint hybridctl reads, scored and generated on hybridctl's own runtime.
 
-    hybridctl-lm-eval --model hybridctl --model_args pretrained=CKPT,device=cpu,batch_size=4 --tasks hellaswag
+    hybridctl-lm-eval --model hybridctl --model_args pretrained=CKPT --device cpu --batch_size 4 --tasks hellaswag
     python -m hybridctl.lm_eval_model --model hybridctl --model_args pretrained=CKPT --tasks …   # the same
 
 Why a wrapper and not plain ``lm_eval --model hybridctl``: lm-eval 0.4.13 finds models only in its own registry,
@@ -187,7 +187,9 @@ class HybridctlLM(TemplateLM):
 
     # ---- generation -------------------------------------------------------------------------------------------
 
-    def _gen_settings(self, kwargs: dict[str, Any]) -> tuple[list[str], int, float]:
+    def _gen_settings(self, kwargs: dict[str, Any]) -> tuple[list[str], int, float, float, int]:
+        """(until, max_gen_toks, temperature, top_p, top_k) from a task's generation_kwargs (as lm-eval's hf model:
+        greedy unless do_sample; sampling at temperature 1.0 unless given)."""
         kw = dict(kwargs or {})
         until = kw.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
@@ -195,27 +197,32 @@ class HybridctlLM(TemplateLM):
         if eot_text and eot_text not in until:
             until.append(eot_text)
         max_gen = int(kw.pop("max_gen_toks", 256))
-        temperature = float(kw.pop("temperature", 0.0)) if _flag(kw.pop("do_sample", False)) else 0.0
-        return until, max_gen, temperature
+        sample = _flag(kw.pop("do_sample", False))
+        temperature = float(kw.pop("temperature", 1.0)) if sample else 0.0
+        top_p, top_k = float(kw.pop("top_p", 1.0) or 1.0), int(kw.pop("top_k", 0) or 0)
+        if kw:
+            log.warning("hybridctl lm-eval model: ignoring generation_kwargs %s", sorted(kw))
+        return until, max_gen, temperature, top_p, top_k
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from hybridctl.generate import generate
 
         groups: dict[tuple, list[int]] = {}
-        settings = []
+        contexts = []
         for i, req in enumerate(requests):
             ctx, gen_kwargs = req.args
-            until, max_gen, temperature = self._gen_settings(gen_kwargs)
-            settings.append((ctx, until, max_gen, temperature))
-            groups.setdefault((tuple(until), max_gen, temperature), []).append(i)
+            until, max_gen, temperature, top_p, top_k = self._gen_settings(gen_kwargs)
+            contexts.append(ctx)
+            groups.setdefault((tuple(until), max_gen, temperature, top_p, top_k), []).append(i)
         out: list[str | None] = [None] * len(requests)
-        for (until, max_gen, temperature), idx in groups.items():
+        for (until, max_gen, temperature, top_p, top_k), idx in groups.items():
             keep = max(1, self.max_length - max_gen)
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start:start + self.batch_size]
-                prompts = [self._prompt_ids(settings[i][0])[-keep:] for i in chunk]
+                prompts = [self._prompt_ids(contexts[i])[-keep:] for i in chunk]
                 res = generate(self.model, prompts, tokenizer=self.tok, max_new_tokens=max_gen,
-                               temperature=temperature, stop=list(until), device=str(self._device),
+                               temperature=temperature, top_p=top_p, top_k=top_k, stop=list(until),
+                               device=str(self._device),
                                backend=self.backend, state_dtype=self.state_dtype, compile=self.compile)
                 for i, text in zip(chunk, res.texts):
                     out[i] = text
@@ -235,8 +242,12 @@ def main(argv: list[str] | None = None) -> None:
     """``hybridctl-lm-eval``: lm-eval's own CLI with the ``hybridctl`` model registered."""
     from lm_eval.__main__ import cli_evaluate
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # lm-eval's CLI passes device (default cuda:0) and batch_size to every model: give them as --device and
+    # --batch_size, not in --model_args. The wrapper's default device: cuda when there is one, else cpu.
+    if not any(a == "--device" or a.startswith("--device=") for a in argv):
+        argv += ["--device", "cuda" if torch.cuda.is_available() else "cpu"]
+    sys.argv = [sys.argv[0], *argv]
     try:
         cli_evaluate()
     except HybridctlError as e:

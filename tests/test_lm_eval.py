@@ -169,12 +169,13 @@ def test_generate_until_equals_hybridctl_generate(results, direct, one_thread):
 
 
 def test_cli_wrapper_runs_lm_eval(ckpt, offline_env, tmp_path):
-    """`python -m hybridctl.lm_eval_model` is lm-eval's own CLI with the model registered (every lm-eval flag)."""
+    """`python -m hybridctl.lm_eval_model` is lm-eval's own CLI with the model registered (every lm-eval flag); with
+    no --device it picks cuda when there is one, else cpu (lm-eval's own default is cuda:0)."""
     env = {**os.environ, **offline_env, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
                                                                       os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "res"
     cmd = [sys.executable, "-m", "hybridctl.lm_eval_model", "--model", "hybridctl", "--model_args",
-           f"pretrained={ckpt},device=cpu,compile=false", "--batch_size", "2", "--tasks", "hybridctl_mc",
+           f"pretrained={ckpt},compile=false", "--batch_size", "2", "--tasks", "hybridctl_mc",
            "--include_path", str(DATA), "--output_path", str(out)]
     p = subprocess.run(cmd, cwd=DATA, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -200,3 +201,12 @@ def test_the_model_is_registered_beside_lm_evals_own():
 
     assert get_model("hybridctl") is m.HybridctlLM
     assert get_model("dummy").__name__ == "DummyLM"  # the built-in models are still there
+
+
+def test_generation_kwargs_follow_lm_evals_hf_model(ckpt):
+    from hybridctl.lm_eval_model import HybridctlLM
+
+    lm = HybridctlLM(pretrained=str(ckpt))
+    assert lm._gen_settings({"until": "\n\n", "do_sample": False, "temperature": 0.7}) == (["\n\n"], 256, 0.0, 1.0, 0)
+    assert lm._gen_settings({"do_sample": True, "max_gen_toks": 5, "top_p": 0.9}) == ([], 5, 1.0, 0.9, 0)
+    assert lm._gen_settings(None) == ([], 256, 0.0, 1.0, 0)
