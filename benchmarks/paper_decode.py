@@ -195,12 +195,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     rat = result["ratios"]
     ctxs = sorted({r["context"] for r in rat})
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    for B in sorted({r["batch"] for r in rat}):
+    colors = plt.get_cmap("viridis")
+    batches = sorted({r["batch"] for r in rat})
+    for j, B in enumerate(batches):
+        c = colors(j / max(1, len(batches) - 1))
         pts = [(r["context"], r["measured"]) for r in rat if r["batch"] == B and r["measured"]]
         pred = [(r["context"], r["predicted"]) for r in rat if r["batch"] == B and r["predicted"]]
-        line, = axes[0].plot(*zip(*pts), "o-", label=f"B={B}") if pts else (None,)
+        if pts:
+            axes[0].plot(*zip(*pts), "o-", color=c, label=f"B={B} measured")
         if pred:
-            axes[0].plot(*zip(*pred), ":", color=line.get_color() if line else "grey", alpha=0.7)
+            axes[0].plot(*zip(*pred), ":", color=c, label=f"B={B} predicted (bytes)")
     axes[0].axhline(8, color="k", lw=0.8, ls="--")
     axes[0].text(ctxs[0], 8.2, "paper: \"up to 8×\" (predicted)", fontsize=8)
     axes[0].set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode speed-up hybrid / Transformer",
@@ -259,12 +263,16 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget-s", type=float, default=200.0)
     ap.add_argument("--out", default="paper_decode.json")
     ap.add_argument("--plot", default=None, help="PNG path")
+    ap.add_argument("--replot", default=None, help="a result JSON: write its plot (to --plot) and stop")
     ap.add_argument("--reuse", default=None, help="an earlier result JSON: its models are not measured again")
     return ap
 
 
 def main() -> None:
     args = parser().parse_args()
+    if args.replot:  # the plot again from a recorded result (no measuring)
+        plot(json.loads(Path(args.replot).read_text()), Path(args.plot or Path(args.replot).with_suffix(".png")))
+        return
     device = torch.device(args.device)
     kernels.set_backend("auto")
     t0 = time.perf_counter()
