@@ -413,6 +413,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "hybrid-370m": _hybrid(1024, 40, heads=16, kv=8),
     "hybrid-1.3b": _hybrid(2048, 40, heads=16, kv=8),
     "hybrid-2.7b": _hybrid(2560, 56, heads=20, kv=4),
+    # The paper's Transformer recipe (MHA, RoPE on half the head dim, squared-ReLU MLP 4·h) at hybrid-1.3b's size:
+    # 24 × (attention + MLP) at d_model 2048 (GPT-3 XL's shape), same vocab and tying: 1.311B vs 1.314B parameters.
+    "transformer-1.3b": dict(vocab_size=50304, d_model=2048, pattern="*-" * 24, tie_embeddings=True,
+                             attention=dict(n_heads=16, n_kv_heads=16, head_dim=128, position="rope",
+                                            rotary_fraction=0.5),
+                             mlp=dict(hidden_size=8192, activation="relu2")),
 }
 
 

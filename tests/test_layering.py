@@ -12,7 +12,7 @@ RANK = {
     "checkpoint": 3, "qlinear": 3, "cpu_decode": 3, "decode": 3, "parallel": 3, "data": 3, "corpora": 3, "tokenizer": 3, "tasks": 3,
     "evaluation": 3,
     **{w: 4 for w in WORKFLOWS},
-    "bench": 5, "cli": 6, "__main__": 7,
+    "bench": 5, "lm_eval_model": 5, "cli": 6, "__main__": 7,
 }
 RANK.update(task_eval=3, plots=3, probes=3, bench_report=5)  # bench's library parts (issue 16)
 KERNEL_LIBS = {"mamba_ssm", "causal_conv1d", "flash_attn"}
