@@ -59,6 +59,7 @@ SLOW_TESTS = {
     "test_generate.py::test_sampling_is_reproducible_with_a_seed",
     "test_hf.py::test_export_matches_transformers",
     "test_evaluation.py::test_greedy_forward_matches_generate",
+    "test_extend_context.py::test_extend_run_mechanics",
 }
 
 

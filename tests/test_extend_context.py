@@ -17,6 +17,7 @@ from hybridctl.tasks import make_task
 from hybridctl.tokenizer import build_tokenizer
 
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (a busy 2-core machine)
 
 
 @pytest.fixture(scope="module")
