@@ -426,7 +426,8 @@ def _extend_table(s: dict) -> str:
         ("target", f"{s['seq_len']} tokens, {s['steps']} steps, {_fmt_count(s['tokens'])} tokens"),
         ("batch", f"global {s['global_batch']}, micro {s['micro_batch']} × {s['world_size']} device(s), "
                   f"activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}"),
-        ("lr", f"{s['lr']['peak']:.3g} → {s['lr']['min']:.3g} {s['lr']['schedule']}, warm-up {s['lr']['warmup_steps']}"),
+        ("lr", f"{s['lr']['peak']:.3g} → {s['lr']['min']:.3g} {s['lr']['schedule']}, "
+               f"warm-up {s['lr']['warmup_steps']}"),
         ("data", f"{s['data']['source']}, mix {s['data']['mix']}, short {s['data']['short_fraction']:g}"),
         ("params+grads+AdamW", b(m["params"] + m["grads"] + m["optimizer"])),
         ("activations/micro-batch", f"{b(m['activations'])} (checkpointed {b(m['activations_checkpointed'])})"),

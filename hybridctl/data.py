@@ -295,8 +295,8 @@ class MixedLoader:
     Components: ``"corpus"`` (the sources, documents of at least ``min_doc_tokens`` tokens, packed at seq_len),
     the tasks ``"phonebook"`` / ``"needle"`` / ``"copy"`` (examples filling seq_len), with the ``mix`` weights scaled
     by ``1 - short_fraction``; and ``"short"`` (weight ``short_fraction``): seq_len // short_seq_len corpus windows of
-    short_seq_len tokens (every document, in another seeded order), each its own sequence (``seq_idx``), the rest padding. Global row r's
-    component is a pure function of (seed, r); each component is a one-row-per-batch PackedLoader over the global
+    short_seq_len tokens (every document, in another seeded order), each its own sequence (``seq_idx``), the rest
+    padding. Global row r's component is a pure function of (seed, r); each component is a one-row-per-batch PackedLoader over the global
     stream, so ``state_dict`` (the row count and every component's cursor) resumes exactly, and ranks take their rows
     as PackedLoader's do. Endless."""
 
@@ -320,8 +320,8 @@ class MixedLoader:
         if short_fraction > 0:
             k = config.seq_len // short_seq_len
             self.parts["short"] = PackedLoader(dataclasses.replace(
-                config, seq_len=short_seq_len, batch_size=k, epochs=None, min_doc_tokens=0, seed=config.seed + 1), tokenizer=tokenizer,
-                rank=0, world_size=1)
+                config, seq_len=short_seq_len, batch_size=k, epochs=None, min_doc_tokens=0, seed=config.seed + 1),
+                tokenizer=tokenizer, rank=0, world_size=1)
         names = [n for n in self.parts if n != "short"]
         weights = [self.mix[n] * (1 - short_fraction) for n in names] + ([short_fraction] if short_fraction else [])
         self.names = names + (["short"] if short_fraction else [])

@@ -394,7 +394,8 @@ def write_plots(run_dir: Path, before: dict[str, Any], after: dict[str, Any]) ->
             for task in ("phonebook", "needle") for r in ev[task]]
     out = plots.write_plots(run_dir / "plots", tasks=rows) if rows else []
     ppl = [{"model": name, "window": ev["perplexity"]["window"], "position": max(1, (r["lo"] + r["hi"]) // 2),
-            "ppl": r["ppl"]} for name, ev in (("before", before), ("after", after)) for r in ev["perplexity"]["buckets"]]
+            "ppl": r["ppl"]} for name, ev in (("before", before), ("after", after))
+           for r in ev["perplexity"]["buckets"]]
     out.append(plots._lines(ppl, run_dir / "plots" / "perplexity_by_position.png", x="position", series="window",
                             y="ppl", ylabel="perplexity", xlabel="position in the context (bucket middle)",
                             title="Perplexity by position, before vs after", err=False))
