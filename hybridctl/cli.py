@@ -293,21 +293,6 @@ def build(
     typer.echo(_table(rows))
 
 
-# ---- commands whose issues have not landed yet --------------------------------------------------------------------
-def _not_yet(name: str) -> None:
-    raise HybridctlError(f"'{name}' is not implemented yet")
-
-
-def _register_unfinished(name: str, doc: str) -> None:
-    """A registered command whose issue has not landed: it says so (one line, exit 1) whatever its arguments."""
-
-    def command(ctx: typer.Context) -> None:
-        _not_yet(name)
-
-    command.__doc__ = doc
-    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_errors(command))
-
-
 @app.command(epilog="Examples:\n\n  hybridctl train recipes/tiny.toml\n\n"
              "  hybridctl train recipes/tiny.toml --set optim.lr=3e-4 --set data.seq_len=512 --max-steps 20\n\n"
              "  hybridctl train recipes/phonebook.toml --run-dir runs/pb --resume never --json\n\n"
@@ -356,6 +341,89 @@ def train(
                        ("tokens/s", f(s["tokens_per_s"], ",.0f")), ("checkpoint", str(s["checkpoint"])),
                        ("export", str(s["export"]))]))
 
+
+
+@app.command("extend-context", epilog="Examples:\n\n"
+             "  hybridctl extend-context runs/tiny/final --seq-len 1024 --out runs/tiny-1k --dry-run\n\n"
+             "  hybridctl extend-context runs/tiny/final --seq-len 1024 --out runs/tiny-1k --steps 60\n\n"
+             "  hybridctl extend-context ckpt --seq-len 16384 --out runs/16k --tokens 2e9 "
+             "--mix corpus=0.9,phonebook=0.05,needle=0.05 --json\n\n"
+             "  torchrun --nproc-per-node 8 -m hybridctl extend-context ckpt --seq-len 32768 --out runs/32k")
+@_errors
+def extend_context(
+    ckpt: CkptArg,
+    seq_len: Annotated[int, typer.Option(help="Target context length (above the checkpoint's trained one).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (recipe, checkpoints, report, plots).")],
+    tokens: Annotated[Optional[float], typer.Option(help="Token budget (e.g. 2e9); or --steps.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default 100 without --tokens).")] = None,
+    data: Annotated[str, typer.Option(help="Corpus: builtin | file / directory / glob | Megatron prefix.")
+                    ] = "builtin",
+    mix: Annotated[Optional[str], typer.Option(help="Row mix by weight, summing to 1, of corpus / phonebook / "
+                                               "needle / copy (default corpus=0.8,needle=0.1,phonebook=0.1).")
+                   ] = None,
+    short_fraction: Annotated[Optional[float], typer.Option(help="Fraction of rows of trained-length sequences "
+                                                            "(default 0.2).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak LR (default: a third of the pretraining peak).")] = None,
+    set_: SetOpt = None,
+    eval_lengths: Annotated[Optional[str], typer.Option(help="Comma-separated lengths (default: trained length, "
+                                                        "powers of two, target).")] = None,
+    eval_examples: Annotated[int, typer.Option(help="Examples per task cell.")] = 4,
+    rope_base: Annotated[Optional[float], typer.Option(help="RoPE base for rotary attention (default NTK rule).")
+                         ] = None,
+    base_seq_len: Annotated[Optional[int], typer.Option(help="Trained length when the config has no "
+                                                        "max_seq_len.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
+    resume: Annotated[str, typer.Option(help="auto | never | PATH (as train).")] = "auto",
+    device: DeviceOpt = None,
+    backend: BackendOpt = None,
+    json_: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Continued pretraining to a longer context: a planned recipe (saved as DIR/recipe.toml, rerunnable by train),
+    resumable training, long-context evaluation before/after (DIR/report.json, DIR/plots/)."""
+    _setup_logging(verbose)
+    _check_numbers(seq_len=(seq_len, 2, None), tokens=(tokens, 1, None), steps=(steps, 1, None))
+    from hybridctl import extend_context as ec
+
+    plan = ec.plan_extension(checkpoint=ckpt, seq_len=seq_len, out=out, tokens=None if tokens is None else
+                             int(tokens), steps=steps, data=data, mix=mix, short_fraction=short_fraction, lr=lr,
+                             overrides=set_, eval_lengths=eval_lengths, eval_examples=eval_examples,
+                             rope_base=rope_base, base_seq_len=base_seq_len, device=device)
+    if dry_run:
+        s = plan.summary()
+        return _print_json(s, device=s["device"], dtype="auto") if json_ else typer.echo(_extend_table(s))
+    from hybridctl.train import main_entry
+
+    res = ec.run_extension(plan, train_fn=main_entry, resume=resume, device=device, backend=backend)
+    if res is None:  # a torchrun rank other than 0
+        return None
+    s = res.summary()
+    if json_:
+        return _print_json(s, device=plan.device, dtype="auto")
+    typer.echo(_table([("run dir", s["run_dir"]), ("report", s["report"]), ("plots", ", ".join(s["plots"]))]
+                      + [(k, f"{v['before']:.3g} → {v['after']:.3g}") for k, v in s.items() if k.startswith("ppl")
+                         and v["before"] is not None and v["after"] is not None]))
+
+
+def _extend_table(s: dict) -> str:
+    m, i = s["memory"], s["inference"]
+    b = _fmt_bytes
+    return _table([
+        ("checkpoint", f"{s['checkpoint']} ({_fmt_count(s['parameters'])} parameters, trained at {s['base_seq_len']})"),
+        ("target", f"{s['seq_len']} tokens, {s['steps']} steps, {_fmt_count(s['tokens'])} tokens"),
+        ("batch", f"global {s['global_batch']}, micro {s['micro_batch']} × {s['world_size']} device(s), "
+                  f"activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}"),
+        ("lr", f"{s['lr']['peak']:.3g} → {s['lr']['min']:.3g} {s['lr']['schedule']}, "
+               f"warm-up {s['lr']['warmup_steps']}"),
+        ("data", f"{s['data']['source']}, mix {s['data']['mix']}, short {s['data']['short_fraction']:g}"),
+        ("params+grads+AdamW", b(m["params"] + m["grads"] + m["optimizer"])),
+        ("activations/micro-batch", f"{b(m['activations'])} (checkpointed {b(m['activations_checkpointed'])})"),
+        ("training peak", f"{b(m['total'])} (checkpointed {b(m['total_checkpointed'])}), limit {b(m['limit'])}"),
+        ("inference/sequence", f"SSM state {b(i['ssm_state_bytes'])} + KV {b(i['kv_cache_bytes'])}; Transformer "
+                               f"{i['transformer_pattern'][:12]}… KV {b(i['transformer_kv_bytes'])}"),
+        ("rope", "unchanged (NoPE)" if s["rope"] is None else f"{s['rope']['old']:g} → {s['rope']['new']:.6g}"),
+        ("fits", f"{'yes' if s['fits'] else 'no'} on {s['device']}"),
+        ("eval lengths", ", ".join(map(str, s["eval_lengths"])))])
 
 
 @app.command(epilog="Examples:\n\n  hybridctl convert runs/tiny --to hf --out export/tiny-hf\n\n"
@@ -638,8 +706,6 @@ def completion(shell: Annotated[str, typer.Argument(help="bash | zsh | fish")]) 
     typer.echo(completion_script(shell), nl=False)
 
 
-for _name, _doc in (("extend-context", "Continued training at a longer sequence length, with long-context evaluation."),):
-    _register_unfinished(_name, _doc)
 
 
 def main() -> None:

@@ -198,6 +198,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     residual_in_fp32: bool = False  # documentation of intent for exports; the residual stream follows the dtype
+    # the longest sequence length the weights were trained at (train's export records it; extend-context reads it);
+    # None: not recorded. Informational: nothing in the model depends on it (NoPE attention, recurrent SSM).
+    max_seq_len: int | None = None
 
     def __post_init__(self) -> None:
         for name, cls in (("mamba", MambaConfig), ("attention", AttentionConfig), ("mlp", MLPConfig)):
@@ -205,6 +208,8 @@ class ModelConfig:
             if isinstance(v, dict):
                 setattr(self, name, _from_dict(cls, v, name))
         _positive("model", vocab_size=self.vocab_size, d_model=self.d_model)
+        if self.max_seq_len is not None:
+            _positive("model", max_seq_len=self.max_seq_len)
         self.pattern = parse_pattern(self.pattern)
         if self.norm != "rmsnorm":
             raise HybridctlError(f"model.norm: only 'rmsnorm' is supported, got {self.norm!r}")

@@ -36,7 +36,7 @@ from hybridctl.config import HybridctlError
 
 # Source names that are synthetic tasks, not corpora: the tasks are made in data.py, which imports these names from
 # here (corpora.py never imports data.py); the error for an unknown source lists them.
-TASKS = ("phonebook", "copy")
+TASKS = ("phonebook", "copy", "needle")
 SPLITS = ("train", "eval")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 

@@ -39,6 +39,7 @@ Order, resume, split, sharding:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -152,6 +153,7 @@ class DataConfig:
     eval_every: int
     shuffle_buffer: int
     epochs: int | None
+    min_doc_tokens: int = 0  # corpus documents with fewer tokens are skipped (long-context rows)
 
     def __post_init__(self) -> None:
         at_least("data", seq_len=(self.seq_len, 1), batch_size=(self.batch_size, 1), seed=(self.seed, 0),
@@ -241,6 +243,8 @@ class PackedLoader:
             for pos, doc in group:
                 if isinstance(doc, str):
                     ids = np.array([*next(encoded), eos], np.int64)
+                    if len(ids) < self.config.min_doc_tokens:
+                        continue
                 else:
                     ids = np.asarray(doc, np.int64)
                     if not ids.size:
@@ -251,6 +255,8 @@ class PackedLoader:
                                              f"outside the tokenizer's vocabulary of {vocab}; wrong tokenizer?")
                     if ids[-1] != eos:
                         ids = np.append(ids, eos)
+                    if len(ids) < self.config.min_doc_tokens:
+                        continue
                 yield pos, TokenDoc(ids, np.ones(len(ids), bool))
 
     def state_dict(self) -> dict[str, Any]:
@@ -276,18 +282,129 @@ class PackedLoader:
         self._cursor, self._rows = cursor, None
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Mixing for long context: rows drawn by weight from the corpus, the tasks and short sequences
+# --------------------------------------------------------------------------------------------------------------------
+
+_MIX_FORMAT = "hybridctl.data.mix/1"
+
+
+class MixedLoader:
+    """Rows of ``seq_len`` tokens, each drawn from one component, the batch contract of `PackedLoader`.
+
+    Components: ``"corpus"`` (the sources, documents of at least ``min_doc_tokens`` tokens, packed at seq_len),
+    the tasks ``"phonebook"`` / ``"needle"`` / ``"copy"`` (examples filling seq_len), with the ``mix`` weights scaled
+    by ``1 - short_fraction``; and ``"short"`` (weight ``short_fraction``): seq_len // short_seq_len corpus windows of
+    short_seq_len tokens (every document, in another seeded order), each its own sequence (``seq_idx``), the rest
+    padding. Global row r's component is a pure function of (seed, r); each component is a one-row-per-batch PackedLoader over the global
+    stream, so ``state_dict`` (the row count and every component's cursor) resumes exactly, and ranks take their rows
+    as PackedLoader's do. Endless."""
+
+    def __init__(self, config: DataConfig, *, mix: dict[str, float], short_fraction: float, short_seq_len: int,
+                 tokenizer: Tokenizer, rank: int, world_size: int) -> None:
+        from hybridctl.recipe import check_mix
+
+        check_mix(mix, short_fraction, short_seq_len, config.seq_len)
+        if config.epochs is not None:
+            raise HybridctlError("data: a mixed stream is endless (epochs must be None)")
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.mix, self.short_fraction = dict(mix), short_fraction
+        self.pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        one = dict(batch_size=1, epochs=None)
+        self.parts: dict[str, PackedLoader] = {}
+        for name, w in sorted(mix.items()):
+            if w > 0:
+                opts = dict(sources=(name,), task_options={}, min_doc_tokens=0) if name != "corpus" else {}
+                self.parts[name] = PackedLoader(dataclasses.replace(config, **one, **opts), tokenizer=tokenizer,
+                                                rank=0, world_size=1)
+        if short_fraction > 0:
+            k = config.seq_len // short_seq_len
+            self.parts["short"] = PackedLoader(dataclasses.replace(
+                config, seq_len=short_seq_len, batch_size=k, epochs=None, min_doc_tokens=0, seed=config.seed + 1),
+                tokenizer=tokenizer, rank=0, world_size=1)
+        names = [n for n in self.parts if n != "short"]
+        weights = [self.mix[n] * (1 - short_fraction) for n in names] + ([short_fraction] if short_fraction else [])
+        self.names = names + (["short"] if short_fraction else [])
+        self.cum = np.cumsum(weights) / sum(weights)
+        self.rows = 0  # global rows drawn so far
+
+    def __iter__(self) -> MixedLoader:
+        return self
+
+    def component(self, r: int) -> str:
+        """The component of global row ``r``."""
+        u = np.random.default_rng([self.config.seed, 0x6D6978, r]).random()
+        return self.names[min(int(np.searchsorted(self.cum, u, side="right")), len(self.names) - 1)]
+
+    def _row(self, name: str) -> Row:
+        b = next(self.parts[name])
+        if name != "short":
+            return b["input_ids"][0], b["labels"][0], b["seq_idx"][0]
+        k, s = b["input_ids"].shape
+        T = self.config.seq_len
+        x = torch.full((T,), self.pad, dtype=torch.int64)
+        y = torch.full((T,), IGNORE_INDEX, dtype=torch.int64)
+        idx = torch.full((T,), 0, dtype=torch.int32)
+        x[:k * s], y[:k * s] = b["input_ids"].flatten(), b["labels"].flatten()
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int32), (b["seq_idx"].amax(1) + 1).cumsum(0)[:-1].int()])
+        idx[:k * s] = (b["seq_idx"] + offsets[:, None]).flatten()
+        idx[k * s:] = idx[k * s - 1] + 1
+        return x, y, idx
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        B = self.config.batch_size
+        mine = []
+        for j in range(B * self.world_size):
+            row = self._row(self.component(self.rows + j))
+            if j // B == self.rank:
+                mine.append(row)
+        self.rows += B * self.world_size
+        x, y, s = (torch.stack(a) for a in zip(*mine))
+        return {"input_ids": x, "labels": y, "seq_idx": s}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": _MIX_FORMAT, "seed": self.config.seed, "seq_len": self.config.seq_len,
+                "split": self.config.split, "mix": dict(sorted(self.mix.items())),
+                "short_fraction": self.short_fraction, "rows": self.rows,
+                "components": {n: p.state_dict() for n, p in self.parts.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state``; the mix, seed, split and seq_len must match (batch and world size may change)."""
+        if state.get("format") != _MIX_FORMAT:
+            raise HybridctlError(f"data state: unknown format {state.get('format')!r} (expected {_MIX_FORMAT!r})")
+        mine = self.state_dict()
+        for key in ("seed", "seq_len", "split", "mix", "short_fraction"):
+            if state.get(key) != mine[key]:
+                raise HybridctlError(f"data state: {key} was {state.get(key)!r}, this run has {mine[key]!r}")
+        comps = state.get("components")
+        if not isinstance(comps, dict) or set(comps) != set(self.parts):
+            raise HybridctlError("data state: malformed mixed-stream components")
+        for n, p in self.parts.items():
+            p.load_state_dict(comps[n])
+        self.rows = int(state["rows"])
+
+
 def build_loader(*, source: str | Sequence[str], tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int = 0,
                  split: str = "train", rank: int = 0, world_size: int = 1,
                  task_options: Mapping[str, Any] | None = None, text_field: str = "text", eval_every: int = 20,
-                 shuffle_buffer: int = 1024, epochs: int | None = None) -> PackedLoader:
+                 shuffle_buffer: int = 1024, epochs: int | None = None, mix: Mapping[str, float] | None = None,
+                 short_fraction: float = 0.0, short_seq_len: int = 0,
+                 min_doc_tokens: int = 0) -> PackedLoader | MixedLoader:
     """The batch iterator for one rank. ``batch_size`` is per rank (global batch = batch_size × world_size);
-    ``epochs=None`` repeats forever (each epoch in a new seeded order). See the module docstring."""
+    ``epochs=None`` repeats forever (each epoch in a new seeded order). See the module docstring. ``mix`` /
+    ``short_fraction`` (with ``short_seq_len``): a `MixedLoader` over the source and the tasks (endless)."""
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
         raise HybridctlError(f"data: need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
     sources = (source,) if isinstance(source, str) else tuple(source)
     config = DataConfig(sources=tuple(s.strip() if isinstance(s, str) else s for s in sources), seq_len=seq_len,
                         batch_size=batch_size, seed=seed, split=split, task_options=dict(task_options or {}),
-                        text_field=text_field, eval_every=eval_every, shuffle_buffer=shuffle_buffer, epochs=epochs)
+                        text_field=text_field, eval_every=eval_every, shuffle_buffer=shuffle_buffer, epochs=epochs,
+                        min_doc_tokens=min_doc_tokens)
+    if mix or short_fraction:
+        log.info("data: mix %s, short fraction %g of %d-token sequences, seq_len %d", dict(mix or {}),
+                 short_fraction, short_seq_len, seq_len)
+        return MixedLoader(config, mix=dict(mix or {"corpus": 1.0}), short_fraction=short_fraction,
+                           short_seq_len=short_seq_len, tokenizer=tokenizer, rank=rank, world_size=world_size)
     loader = PackedLoader(config, tokenizer=tokenizer, rank=rank, world_size=world_size)
     log.info("data: %s, split %s, seq_len %d, batch %d x %d ranks", ", ".join(sources), split, seq_len, batch_size,
              world_size)

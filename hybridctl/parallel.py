@@ -56,6 +56,14 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+def device_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, name) of what one training process may fill: the GPU's total memory, or the machine's RAM on CPU."""
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return int(p.total_memory), p.name
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine (RAM)"
+
+
 def init_distributed(device: str | None = None) -> DistInfo:
     """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU); else a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

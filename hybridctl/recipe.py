@@ -46,11 +46,15 @@ class ModelSection:
     pattern: str | None = None  # replaces the preset's pattern
     init_from: str | None = None  # a checkpoint directory (native / HF / Megatron): its config and weights
     config: dict = field(default_factory=dict)  # ModelConfig fields (nested tables for mamba/attention/mlp)
+    rope_base: float | None = None  # with init_from: replaces the checkpoint's attention.rope_base (context extension)
 
     def __post_init__(self) -> None:
         if self.init_from is not None and (self.preset or self.pattern or self.config):
             raise HybridctlError("model.init_from: the checkpoint's config.json defines the model; remove "
                                  "model.preset / model.pattern / model.config")
+        if self.rope_base is not None and (self.init_from is None or not self.rope_base > 0):
+            raise HybridctlError("model.rope_base: a positive base, only with model.init_from (elsewhere set "
+                                 "model.config.attention.rope_base)")
 
 
 @dataclass
@@ -61,16 +65,24 @@ class DataSection:
     text_field: str = "text"  # JSONL field
     shuffle_buffer: int = 1024
     task_options: dict = field(default_factory=dict)  # phonebook: n_entries, context_len; copy: min_len, max_len
+    # long-context mixing (data.build_loader's MixedLoader; extend-context writes these): rows drawn by weight from
+    # "corpus" (the source) and the tasks "phonebook" / "needle" / "copy" at seq_len; weights sum to 1
+    mix: dict = field(default_factory=dict)
+    short_fraction: float = 0.0  # fraction of rows made of short_seq_len-token sequences (each its own document)
+    short_seq_len: int = 0  # the short sequences' length (required when short_fraction > 0)
+    min_doc_tokens: int = 0  # in mixed rows, corpus documents shorter than this are skipped (long documents only)
 
     def __post_init__(self) -> None:
         at_least("data", seq_len=(self.seq_len, 1), eval_every=(self.eval_every, 2),
-                  shuffle_buffer=(self.shuffle_buffer, 1))
+                  shuffle_buffer=(self.shuffle_buffer, 1), short_seq_len=(self.short_seq_len, 0),
+                  min_doc_tokens=(self.min_doc_tokens, 0))
+        check_mix(self.mix, self.short_fraction, self.short_seq_len, self.seq_len)
         if isinstance(self.source, list) and not all(isinstance(s, str) for s in self.source):
             raise HybridctlError("data.source: a list of sources must hold strings only")
 
     @property
     def task(self) -> str | None:
-        return self.source if self.source in ("phonebook", "copy") else None
+        return self.source if self.source in ("phonebook", "copy", "needle") else None
 
 
 @dataclass
@@ -214,6 +226,27 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+MIX_COMPONENTS = ("corpus", "phonebook", "needle", "copy")
+
+
+def check_mix(mix: dict, short_fraction: float, short_seq_len: int, seq_len: int) -> None:
+    """data.mix: known components, weights >= 0 summing to 1; short_fraction in [0, 1) with a short_seq_len that
+    fits seq_len."""
+    for k, v in mix.items():
+        if k not in MIX_COMPONENTS:
+            raise HybridctlError(f"data.mix: unknown component {k!r}; valid: {', '.join(MIX_COMPONENTS)}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
+            raise HybridctlError(f"data.mix.{k}: must be a number >= 0, got {v!r}")
+    if mix and abs(sum(mix.values()) - 1.0) > 1e-6:
+        raise HybridctlError(f"data.mix: the weights must sum to 1, got {sum(mix.values()):g} "
+                             f"({', '.join(f'{k}={v:g}' for k, v in mix.items())})")
+    if not 0.0 <= short_fraction < 1.0:
+        raise HybridctlError(f"data.short_fraction: must be in [0, 1), got {short_fraction}")
+    if short_fraction > 0 and not 1 <= short_seq_len <= seq_len:
+        raise HybridctlError(f"data.short_seq_len: short_fraction > 0 needs 1 <= short_seq_len <= seq_len "
+                             f"({seq_len}), got {short_seq_len}")
 
 
 def at_least(owner: str, **values: tuple[Any, int]) -> None:
@@ -381,4 +414,5 @@ def recipe_files(directory: str | Path = "recipes") -> list[Path]:
     return sorted(Path(directory).glob("*.toml"))
 
 
-__all__ = ["Recipe", "load_recipe", "resolve_recipe", "dump_toml", "recipe_files", "SCHEDULES"]
+__all__ = ["Recipe", "load_recipe", "resolve_recipe", "dump_toml", "recipe_files", "SCHEDULES", "MIX_COMPONENTS",
+           "check_mix"]

@@ -36,7 +36,8 @@ class TokenDoc:
     targets: np.ndarray
 
 
-_TASK_OPTIONS = {"phonebook": ("n_entries", "context_len"), "copy": ("min_len", "max_len", "context_len")}
+_TASK_OPTIONS = {"phonebook": ("n_entries", "context_len"), "copy": ("min_len", "max_len", "context_len"),
+                 "needle": ("context_len",)}
 _CONSONANTS, _VOWELS = "bcdfghklmnprstvz", "aeiou"
 
 
@@ -147,10 +148,33 @@ class _Copy(_Task):
 
 
 
+class _Needle(_Task):
+    """The pass-key task in the evaluation layout (``needle_examples``), as training examples: filler sentences
+    filling the example's budget, the needle at a uniformly random depth, the question; the target is the key. The
+    ids are built from the pieces' own encodings (no search), so the prompt may merge differently from its text."""
+
+    def example(self, i: int) -> TokenDoc:
+        rng = self.rng(i)
+        key = str(int(rng.integers(10000, 100000)))
+        needle, question = self.encode(_NEEDLE.format(key=key)), self.newline + self.encode(_NEEDLE_QUESTION)
+        answer = self.encode(f" {key}")
+        sentences = [self.encode(s + ". ") for s in _FILLER.split(". ") if s.strip(". ")]
+        room = self.budget - len(self.bos) - len(needle) - len(question) - len(answer) - 1
+        if room < 0:
+            raise HybridctlError(f"needle: an example needs over {self.budget - room} tokens; raise seq_len")
+        filler: list[list[int]] = []
+        while room >= len(sentences[len(filler) % len(sentences)]):
+            filler.append(sentences[len(filler) % len(sentences)])
+            room -= len(filler[-1])
+        filler.insert(int(rng.integers(len(filler) + 1)), needle)
+        return self.finish(self.bos + [t for piece in filler for t in piece] + question, answer)
+
+
 def make_task(name: str, tokenizer: Tokenizer, seq_len: int, seed: int, split: str,
               options: Mapping[str, Any]) -> _Task:
-    """The training task ``name`` ("phonebook" or "copy"): ``.documents(epoch, start)`` yields (i, TokenDoc)."""
-    cls = _Phonebook if name == "phonebook" else _Copy
+    """The training task ``name`` ("phonebook", "copy" or "needle"): ``.documents(epoch, start)`` yields
+    (i, TokenDoc)."""
+    cls = {"phonebook": _Phonebook, "copy": _Copy, "needle": _Needle}[name]
     return cls(name, tokenizer, seq_len, seed, split, options)
 
 

@@ -109,6 +109,8 @@ def resolve_model(recipe: Recipe) -> tuple[ModelConfig, Any]:
 
     src = open_checkpoint(recipe.model.init_from)
     check_specs(src.config, src.specs, str(src.path))
+    if recipe.model.rope_base is not None:  # a context extension's new RoPE base (no tensor changes)
+        return src.config.replace(attention={**src.config.attention.__dict__, "rope_base": recipe.model.rope_base}), src
     return src.config, src
 
 
@@ -184,17 +186,11 @@ def build_data(recipe: Recipe, tokenizer: Any, info: parallel.DistInfo, split: s
     return build_loader(source=d.source, tokenizer=tokenizer, seq_len=d.seq_len, batch_size=recipe.optim.micro_batch,
                         seed=recipe.seed, split=split, rank=info.rank, world_size=info.world_size,
                         task_options=d.task_options or None, text_field=d.text_field, eval_every=d.eval_every,
-                        shuffle_buffer=d.shuffle_buffer)
+                        shuffle_buffer=d.shuffle_buffer, mix=d.mix or None, short_fraction=d.short_fraction,
+                        short_seq_len=d.short_seq_len, min_doc_tokens=d.min_doc_tokens)
 
 
-def device_memory(device: torch.device) -> tuple[int, str]:
-    """(bytes, name) of what one training process may fill: the GPU's total memory, or the machine's RAM on CPU."""
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        return int(p.total_memory), p.name
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine (RAM)"
+device_memory = parallel.device_memory  # moved to the library (extend-context plans with it too)
 
 
 def check_memory(cfg: ModelConfig, recipe: Recipe, info: parallel.DistInfo) -> dict:
@@ -476,9 +472,10 @@ def export_final(model, cfg: ModelConfig, tok: Any, recipe: Recipe, run_dir: Pat
     out = run_dir / "final"
     if info.is_main:
         specs = {k: (tuple(v.shape), v.dtype) for k, v in full.items()}
-        write_native(out, config=cfg, specs=specs, get=full.__getitem__,
+        trained = cfg.replace(max_seq_len=max(cfg.max_seq_len or 0, recipe.data.seq_len))  # the trained context
+        write_native(out, config=trained, specs=specs, get=full.__getitem__,
                      dtype=torch_dtype(recipe.checkpoint.export_dtype), tokenizer=tok, overwrite=True,
-                     extra={"trained_steps": steps, "recipe": recipe.name})
+                     extra={"trained_steps": steps, "recipe": recipe.name, "peak_lr": recipe.optim.lr})
     parallel.barrier()
     return out
 

@@ -76,6 +76,7 @@ SLOW_TESTS = {
     "test_quantize.py::test_gptq_beats_round_to_nearest_at_int4",
     "test_quantize.py::test_int8_quality_and_generate_on_the_quantized_checkpoint",
     "test_lm_eval.py::test_cli_wrapper_runs_lm_eval",
+    "test_extend_context.py::test_extend_run_mechanics",
 }
 
 
