@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybridctl import kernels  # noqa: E402
 from hybridctl.config import ModelConfig, preset  # noqa: E402
-from hybridctl.generate import DecodeStep  # noqa: E402
+from hybridctl.decode import DecodeStep  # noqa: E402
 from hybridctl.model import build_model, decode_bytes_per_step, materialize, memory_per_sequence  # noqa: E402
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
