@@ -228,6 +228,8 @@ def tasks(args) -> list[tuple[str, int, int, dict]]:
              ("mamba", 1, 1024, {}), ("hf", 1, 1024, {}), ("profile", 1, 1024, {"compile": True}),
              ("profile", 1, 1024, {"compile": True, "decode_kernels": False}), ("ours", 1, 16384, {}),
              ("ours", 1, 16384, {"decode_kernels": False})]
+    if args.tasks:  # "peer:batch:prompt,..." e.g. ours:1:1024,mamba:1:1024 (default options)
+        return [(t.split(":")[0], int(t.split(":")[1]), int(t.split(":")[2]), {}) for t in args.tasks.split(",")]
     if args.quick:
         return first
     rest = [("ours", b, L, {}) for b, L in GRID if (b, L) not in ((1, 1024), (1, 16384))]
@@ -248,8 +250,9 @@ def run_tasks(b: Bench, model, cfg, bw: float) -> None:
     first = guarded("hybridctl first call", lambda: generate(model, [[1] * 64], max_new_tokens=8), b.errors)
     b.env["first_call_s"] = time.perf_counter() - t  # Triton JIT / autotune of the prefill and decode kernels
     b.env["first_call_cuda_graph"] = None if first is None else first.cuda_graph
-    hf = guarded("transformers load", lambda: to_nemotron_h(model), b.errors)
-    mamba = guarded("mamba_ssm load", lambda: mamba_ssm_model(cfg), b.errors)
+    wanted = {peer for peer, *_ in tasks(args)}
+    hf = guarded("transformers load", lambda: to_nemotron_h(model), b.errors) if "hf" in wanted else None
+    mamba = guarded("mamba_ssm load", lambda: mamba_ssm_model(cfg), b.errors) if "mamba" in wanted else None
     if mamba is not None:
         b.env["mamba_ssm_params"] = sum(p.numel() for p in mamba.parameters())
     run = {"ours": lambda bsz, L, kw: ours_task(model, bsz, L, args.new_tokens, kw, bw),
@@ -290,6 +293,7 @@ def main() -> None:
     ap.add_argument("--hf-new-tokens", type=int, default=24)
     ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tasks", default="", help="only these rows, 'peer:batch:prompt,...' (peer: ours|mamba|hf)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("generate_gpu.py needs CUDA")
