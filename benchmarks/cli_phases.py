@@ -31,6 +31,19 @@ def _last():
     with open(stamp_path, "w") as f:
         json.dump(stamps, f)
 atexit.register(_last)  # registered first, so it runs last (after torch's / Inductor's own hooks)
+_register = atexit.register
+def _timed_register(fn, *a, **k):  # every later hook is timed (they run in reverse order, before _last)
+    name = f"{getattr(fn, '__module__', None) or '?'}.{getattr(fn, '__qualname__', None) or repr(fn)}"
+    def run(*a2, **k2):
+        t = time.time()
+        try:
+            return fn(*a2, **k2)
+        finally:
+            stamps.setdefault("atexit_hooks", []).append((name, round(time.time() - t, 3)))
+    run.__wrapped__ = fn
+    _register(run, *a, **k)
+    return fn
+atexit.register = _timed_register
 sys.argv = ["hybridctl", *sys.argv[2:]]
 from hybridctl.cli import main
 try:
@@ -38,6 +51,7 @@ try:
 except SystemExit as e:
     stamps["exit_code"] = e.code if isinstance(e.code, int) else 1
 stamps["t_cli_done"] = time.time()
+sys.exit(stamps.get("exit_code", 0))
 """
 
 
@@ -74,6 +88,7 @@ def one_run(cmd: list[str], env: dict[str, str]) -> dict:
         out = {}
     row.update({k: out.get(k) for k in ("load_s", "warmup_s", "time_to_first_token_s", "decode_s", "compiled")})
     row["slowest_imports"] = slowest_imports(p.stderr)
+    row["slowest_atexit_hooks"] = sorted(s.get("atexit_hooks", []), key=lambda h: -h[1])[:8]
     row["warnings"] = [ln[:300] for ln in p.stderr.splitlines() if ln.startswith("WARNING")]
     if p.returncode:
         row["stderr_tail"] = p.stderr[-1500:]
@@ -95,8 +110,9 @@ def main() -> None:
     for i in range(args.runs):
         rows.append(one_run(cmd, env))
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()
-               if k not in ("slowest_imports",)}, flush=True)
+               if k not in ("slowest_imports", "slowest_atexit_hooks")}, flush=True)
         print("  slowest imports:", rows[-1]["slowest_imports"][:8], flush=True)
+        print("  slowest atexit hooks:", rows[-1]["slowest_atexit_hooks"], flush=True)
     path = args.json_out or os.path.join(os.environ.get("OUT", "."), "cli_phases.json")
     with open(path, "w") as f:
         json.dump({"command": ["hybridctl", *cmd], "rows": rows}, f, indent=1)
