@@ -59,7 +59,7 @@ def test_imports_respect_the_layers():
                 problems.append(f"{where}:{line} imports {name} (triton only in triton_kernels.py, which only "
                                 "kernels.py imports)")
             if top == "typer" and me != "cli":
-                problems.append(f"{where}:{line} imports typer (only cli.py may)")
+                problems.append(f"{where}:{line} imports typer (only the cli package may)")
             if top == "safetensors" and me != "checkpoint":
                 problems.append(f"{where}:{line} imports safetensors (only checkpoint/ may)")
             if name.startswith("torch.distributed") and me not in ("parallel", "train", "checkpoint"):
