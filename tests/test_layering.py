@@ -81,3 +81,34 @@ def test_config_and_package_root_are_torch_free():
         if owner(parts) in ("config", "recipe") or parts == ("__init__",):
             names = [n for n, _ in imported(tree, parts)]
             assert not any(n.split(".")[0] == "torch" for n in names), f"{'/'.join(parts)} imports torch"
+
+
+MODULE_LINES, FUNCTION_LINES = 600, 60  # ARCHITECTURE.md's house style
+
+
+def size_problems(where: str, text: str) -> list[str]:
+    """A module over MODULE_LINES lines, each function (its `def` line to its last, nested ones too) over
+    FUNCTION_LINES."""
+    problems = []
+    if len(text.splitlines()) > MODULE_LINES:
+        problems.append(f"{where}: {len(text.splitlines())} lines (budget {MODULE_LINES})")
+    for node in ast.walk(ast.parse(text, where)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n = node.end_lineno - node.lineno + 1
+            if n > FUNCTION_LINES:
+                problems.append(f"{where}:{node.lineno} {node.name}: {n} lines (budget {FUNCTION_LINES})")
+    return problems
+
+
+def test_module_and_function_size_budgets():
+    problems = [p for path in sorted(PKG.rglob("*.py"))
+                for p in size_problems(path.relative_to(PKG.parent).as_posix(), path.read_text())]
+    assert not problems, "split these:\n" + "\n".join(problems)
+
+
+def test_size_budgets_catch_oversized_code():
+    fits = "def f():\n" + "    x = 1\n" * (FUNCTION_LINES - 2) + "    return x\n"
+    over = "class K:\n    async def g(self):\n" + "        y = 2\n" * FUNCTION_LINES
+    assert size_problems("a.py", fits) == []
+    assert size_problems("b.py", over) == [f"b.py:2 g: {FUNCTION_LINES + 1} lines (budget {FUNCTION_LINES})"]
+    assert size_problems("c.py", "x = 1\n" * (MODULE_LINES + 1)) == [f"c.py: {MODULE_LINES + 1} lines (budget 600)"]
