@@ -4,17 +4,19 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "hybridctl"
-WORKFLOWS = {"build", "train", "extend_context", "convert", "quantize", "generate"}
+WORKFLOWS = {"build", "train", "extend_context", "convert", "quantize", "generate", "bench"}  # one per verb
 RANK = {
     "__init__": 0, "config": 0, "recipe": 0,
     "ref": 1, "kernels": 1, "triton_kernels": 1,
     "blocks": 2, "model": 2, "sampling": 2,
-    "checkpoint": 3, "qlinear": 3, "cpu_decode": 3, "decode": 3, "parallel": 3, "data": 3, "corpora": 3, "tokenizer": 3, "tasks": 3,
-    "evaluation": 3,
+    # the library below the workflows: checkpoints, the decode runtime and the inference module swaps, data, tasks,
+    # evaluation and what bench / extend-context measure with
+    "checkpoint": 3, "qlinear": 3, "cpu_decode": 3, "decode": 3, "parallel": 3, "data": 3, "corpora": 3,
+    "tokenizer": 3, "tasks": 3, "evaluation": 3, "task_eval": 3, "plots": 3, "probes": 3,
     **{w: 4 for w in WORKFLOWS},
-    "bench": 5, "lm_eval_model": 5, "cli": 6, "__main__": 7,
+    "bench_report": 4,  # bench's JSON schema and tables (imports nothing of hybridctl; not a verb)
+    "lm_eval_model": 5, "cli": 6, "__main__": 7,
 }
-RANK.update(task_eval=3, plots=3, probes=3, bench_report=5)  # bench's library parts (issue 16)
 KERNEL_LIBS = {"mamba_ssm", "causal_conv1d", "flash_attn"}
 
 
