@@ -49,6 +49,33 @@ def _segsum(x: Tensor) -> Tensor:
     return out.masked_fill(~keep, -math.inf)
 
 
+def _chunk_views(q: int, seq_idx: Tensor, xs: Tensor, dt: Tensor, Bs: Tensor, Cs: Tensor) -> tuple[Tensor, ...]:
+    """Pad the time axis to a multiple of the chunk size q and view it as [B,C,Q,...] (B/C stay per group until the
+    contraction with x). Returns the padded seq_idx [B,T'] and the views of x, dt, B, C and seq_idx."""
+    bsz, seqlen, nheads, headdim = xs.shape
+    ngroups, dstate = Bs.shape[2], Bs.shape[3]
+    pad = (-seqlen) % q
+    if pad:  # dt = 0 on padding: decay 1, input 0, so the state passes through unchanged
+        xs = F.pad(xs, (0, 0, 0, 0, 0, pad))
+        dt = F.pad(dt, (0, 0, 0, pad))
+        Bs = F.pad(Bs, (0, 0, 0, 0, 0, pad))
+        Cs = F.pad(Cs, (0, 0, 0, 0, 0, pad))
+        seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(bsz, pad)], dim=1)
+    nc = xs.shape[1] // q
+    return (seq_idx, xs.view(bsz, nc, q, nheads, headdim), dt.view(bsz, nc, q, nheads),
+            Bs.view(bsz, nc, q, ngroups, dstate), Cs.view(bsz, nc, q, ngroups, dstate), seq_idx.view(bsz, nc, q))
+
+
+def _pass_states(state: Tensor, chunk_states: Tensor, chunk_decay: Tensor, carry: Tensor) -> tuple[Tensor, Tensor]:
+    """The sequential pass between chunks: the state entering each chunk [B,C,H,P,N] and the final state [B,H,P,N].
+    A state survives a chunk (decayed by exp(sum A·dt)) only where carry is 1 (the document does not change)."""
+    entering = []
+    for c in range(chunk_states.shape[1]):
+        entering.append(state)
+        state = state * (chunk_decay[:, c] * carry[:, c, None])[..., None, None] + chunk_states[:, c]
+    return torch.stack(entering, dim=1), state
+
+
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, *, D: Tensor | None = None,
              dt_bias: Tensor | None = None, dt_softplus: bool = False,
              dt_limit: tuple[float, float] = (0.0, math.inf), initial_state: Tensor | None = None,
@@ -66,24 +93,11 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     cd = _compute_dtype(x.dtype)
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
     q = chunk_size
-    pad = (-seqlen) % q
-    xs, Bs, Cs = x.to(cd), B.to(cd), C.to(cd)
     if seq_idx is None:
         seq_idx = torch.zeros(bsz, seqlen, dtype=torch.int32, device=x.device)
-    if pad:  # dt = 0 on padding: decay 1, input 0, so the state passes through unchanged
-        xs = F.pad(xs, (0, 0, 0, 0, 0, pad))
-        dt = F.pad(dt, (0, 0, 0, pad))
-        Bs = F.pad(Bs, (0, 0, 0, 0, 0, pad))
-        Cs = F.pad(Cs, (0, 0, 0, 0, 0, pad))
-        seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(bsz, pad)], dim=1)
-    nc = xs.shape[1] // q
+    seq_idx, xs, dts, Bs, Cs, sidx = _chunk_views(q, seq_idx, x.to(cd), dt, B.to(cd), C.to(cd))
+    nc = xs.shape[1]
     rep = nheads // ngroups
-    # [B,C,Q,...] views; B/C stay per group until the contraction with x.
-    xs = xs.view(bsz, nc, q, nheads, headdim)
-    dts = dt.view(bsz, nc, q, nheads)
-    Bs = Bs.view(bsz, nc, q, ngroups, dstate)
-    Cs = Cs.view(bsz, nc, q, ngroups, dstate)
-    sidx = seq_idx.view(bsz, nc, q)
     A_dt = (dts * A.to(cd)).permute(0, 3, 1, 2)  # [B,H,C,Q]
     A_cum = torch.cumsum(A_dt, dim=-1)
     xdt = xs * dts[..., None]  # [B,C,Q,H,P]
@@ -109,11 +123,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     enter_doc = torch.cat([seq_idx[:, :1], seq_idx[:, q - 1:-1:q]], dim=1)  # [B,C] doc of the entering state
     chunk_decay = torch.exp(A_cum[..., -1]).permute(0, 2, 1)  # [B,C,H]
     carry = (last_doc[..., 0] == enter_doc).to(cd)  # [B,C]
-    entering = []
-    for c in range(nc):
-        entering.append(state)
-        state = state * (chunk_decay[:, c] * carry[:, c, None])[..., None, None] + chunk_states[:, c]
-    prev = torch.stack(entering, dim=1)  # [B,C,H,P,N]
+    prev, state = _pass_states(state, chunk_states, chunk_decay, carry)  # prev [B,C,H,P,N]: entering states
 
     # 4. the entering state's contribution to each position (same document as the entering state only).
     Ch = Cs.repeat_interleave(rep, dim=3)  # [B,C,Q,H,N]

@@ -1,6 +1,7 @@
 """The CLI through Typer's test runner: build summary/--json/--out, errors as one line, completion scripts."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,33 @@ def test_debug_env_shows_traceback(monkeypatch):
     monkeypatch.setenv("HYBRIDCTL_DEBUG", "1")
     r = runner.invoke(app, ["build", "--preset", "nope"])
     assert r.exit_code != 0 and r.exception is not None
+
+
+_SEEN_AT_TORCH_IMPORT = """
+import os, sys
+seen = []
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            seen.append(os.environ.get("OMP_WAIT_POLICY"))
+        return None
+sys.meta_path.insert(0, Spy())
+from hybridctl.cli import main
+sys.argv = ["hybridctl", "build", "--preset", "tiny", "--json"]
+try:
+    main()
+finally:
+    print("SEEN", seen)
+"""
+
+
+@pytest.mark.parametrize("user, expected", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+                                            ({"GOMP_SPINCOUNT": "1000"}, None)])
+def test_openmp_threads_sleep_unless_the_user_chose(user, expected):
+    """main() sets OMP_WAIT_POLICY=PASSIVE before torch (and libgomp, which reads it once) is imported; a policy
+    or spin count the user set is kept (benchmarks/bench_cpu.md: spinning costs 50x on shared cores)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | user
+    out = subprocess.run([sys.executable, "-c", _SEEN_AT_TORCH_IMPORT], env=env, capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"SEEN [{expected!r}]" in out.stdout, out.stdout[-500:]

@@ -4,17 +4,19 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "hybridctl"
-WORKFLOWS = {"build", "train", "extend_context", "convert", "quantize", "generate"}
+WORKFLOWS = {"build", "train", "extend_context", "convert", "quantize", "generate", "bench"}  # one per verb
 RANK = {
     "__init__": 0, "config": 0, "recipe": 0,
     "ref": 1, "kernels": 1, "triton_kernels": 1,
     "blocks": 2, "model": 2, "sampling": 2,
-    "checkpoint": 3, "qlinear": 3, "cpu_decode": 3, "decode": 3, "parallel": 3, "data": 3, "corpora": 3, "tokenizer": 3, "tasks": 3,
-    "evaluation": 3,
+    # the library below the workflows: checkpoints, the decode runtime and the inference module swaps, data, tasks,
+    # evaluation and what bench / extend-context measure with
+    "checkpoint": 3, "qlinear": 3, "cpu_decode": 3, "decode": 3, "parallel": 3, "data": 3, "corpora": 3,
+    "tokenizer": 3, "tasks": 3, "evaluation": 3, "task_eval": 3, "plots": 3, "probes": 3,
     **{w: 4 for w in WORKFLOWS},
-    "bench": 5, "lm_eval_model": 5, "cli": 6, "__main__": 7,
+    "bench_report": 4,  # bench's JSON schema and tables (imports nothing of hybridctl; not a verb)
+    "lm_eval_model": 5, "cli": 6, "__main__": 7,
 }
-RANK.update(task_eval=3, plots=3, probes=3, bench_report=5)  # bench's library parts (issue 16)
 KERNEL_LIBS = {"mamba_ssm", "causal_conv1d", "flash_attn"}
 
 
@@ -59,7 +61,7 @@ def test_imports_respect_the_layers():
                 problems.append(f"{where}:{line} imports {name} (triton only in triton_kernels.py, which only "
                                 "kernels.py imports)")
             if top == "typer" and me != "cli":
-                problems.append(f"{where}:{line} imports typer (only cli.py may)")
+                problems.append(f"{where}:{line} imports typer (only the cli package may)")
             if top == "safetensors" and me != "checkpoint":
                 problems.append(f"{where}:{line} imports safetensors (only checkpoint/ may)")
             if name.startswith("torch.distributed") and me not in ("parallel", "train", "checkpoint"):
@@ -81,3 +83,34 @@ def test_config_and_package_root_are_torch_free():
         if owner(parts) in ("config", "recipe") or parts == ("__init__",):
             names = [n for n, _ in imported(tree, parts)]
             assert not any(n.split(".")[0] == "torch" for n in names), f"{'/'.join(parts)} imports torch"
+
+
+MODULE_LINES, FUNCTION_LINES = 600, 60  # ARCHITECTURE.md's house style
+
+
+def size_problems(where: str, text: str) -> list[str]:
+    """A module over MODULE_LINES lines, each function (its `def` line to its last, nested ones too) over
+    FUNCTION_LINES."""
+    problems = []
+    if len(text.splitlines()) > MODULE_LINES:
+        problems.append(f"{where}: {len(text.splitlines())} lines (budget {MODULE_LINES})")
+    for node in ast.walk(ast.parse(text, where)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n = node.end_lineno - node.lineno + 1
+            if n > FUNCTION_LINES:
+                problems.append(f"{where}:{node.lineno} {node.name}: {n} lines (budget {FUNCTION_LINES})")
+    return problems
+
+
+def test_module_and_function_size_budgets():
+    problems = [p for path in sorted(PKG.rglob("*.py"))
+                for p in size_problems(path.relative_to(PKG.parent).as_posix(), path.read_text())]
+    assert not problems, "split these:\n" + "\n".join(problems)
+
+
+def test_size_budgets_catch_oversized_code():
+    fits = "def f():\n" + "    x = 1\n" * (FUNCTION_LINES - 2) + "    return x\n"
+    over = "class K:\n    async def g(self):\n" + "        y = 2\n" * FUNCTION_LINES
+    assert size_problems("a.py", fits) == []
+    assert size_problems("b.py", over) == [f"b.py:2 g: {FUNCTION_LINES + 1} lines (budget {FUNCTION_LINES})"]
+    assert size_problems("c.py", "x = 1\n" * (MODULE_LINES + 1)) == [f"c.py: {MODULE_LINES + 1} lines (budget 600)"]

@@ -18,7 +18,7 @@ from hybridctl.checkpoint.megatron_args import HYBRIDCTL_VOCAB_ARG, config_from_
 from hybridctl.checkpoint.megatron_keys import EXTRA_STATE, Entry, Split, all_entries, layer_kind_of_keys
 from hybridctl.checkpoint.numbers import check_config_numbers
 from hybridctl.checkpoint.source import Source, TensorSpec, check_specs
-from hybridctl.config import HybridctlError
+from hybridctl.config import HybridctlError, ModelConfig
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _REPLICATED = ("layer_norm_weight", "final_norm.weight", "final_layernorm.weight", "input_layernorm.weight",
@@ -73,11 +73,8 @@ def _check_tied_copy(mspecs: dict[str, TensorSpec], mget: Callable[[str, Split |
                              f"but {out} differs from {emb}; refusing to drop the output layer")
 
 
-def build_source(fmt: str, path: Path, args: Any, mspecs: dict[str, TensorSpec],
-                 mget: Callable[[str, Split | None], torch.Tensor], *, where: str, info: dict[str, Any],
-                 search_dirs: list[Path] = ()) -> Source:
-    """search_dirs: where tokenizer files may lie (the checkpoint root, then the iteration directory)."""
-    keys = list(mspecs)
+def _check_args(args: Any, mspecs: dict[str, TensorSpec], where: str) -> None:
+    """What the args and the tensor list must say before a config is inferred from them."""
     emb = "embedding.word_embeddings.weight"
     if emb not in mspecs:
         raise HybridctlError(f"{where}: missing tensor {emb!r}")
@@ -91,12 +88,12 @@ def build_source(fmt: str, path: Path, args: Any, mspecs: dict[str, TensorSpec],
     if pos not in (None, "none", "rope"):
         raise HybridctlError(f"{where}: the args say position_embedding_type={pos!r} but the checkpoint holds no "
                              "embedding.position_embeddings.weight; hybridctl reads only 'rope' or 'none'")
-    padded = mspecs[emb][0][0]
-    native_vocab = getattr(args, HYBRIDCTL_VOCAB_ARG, None) or padded
-    conv = [s for k, s in mspecs.items() if k.endswith(("conv1d.weight", "conv1d_weight"))]
-    cfg = config_from_args(args, pattern=layer_pattern(keys, where), vocab=int(native_vocab),
-                           d_conv=conv[0][0][-1] if conv else None, where=where)
-    entries = all_entries(cfg, padded)
+
+
+def _match_entries(cfg: ModelConfig, entries: list[Entry], mspecs: dict[str, TensorSpec],
+                   mget: Callable[[str, Split | None], torch.Tensor], where: str) -> dict[str, tuple[Entry, str]]:
+    """Every name-table entry to the one key holding it (shape checked); nothing missing, nothing unexpected."""
+    emb = "embedding.word_embeddings.weight"
     used: dict[str, tuple[Entry, str]] = {}
     for e in entries:
         found = [k for k in (e.key, *e.aliases) if k in mspecs]
@@ -109,10 +106,42 @@ def build_source(fmt: str, path: Path, args: Any, mspecs: dict[str, TensorSpec],
     ignored = {"output_layer.weight"} if cfg.tie_embeddings else set()  # a tied model's last-stage copy
     if ignored and "output_layer.weight" in mspecs:
         _check_tied_copy(mspecs, mget, next(e.split for e in entries if e.key == emb), where)
-    unexpected = [k for k in keys if k not in used and k not in ignored]
+    unexpected = [k for k in mspecs if k not in used and k not in ignored]
     if unexpected:
         raise HybridctlError(f"{where}: unexpected tensor {unexpected[0]!r} (not part of a model hybridctl can "
                              f"represent){f' and {len(unexpected) - 1} more' if len(unexpected) > 1 else ''}")
+    return used
+
+
+def _source_info(info: dict[str, Any], args: Any, cfg: ModelConfig, padded: int, keys: list[str]) -> dict[str, Any]:
+    """The Source's info: padded / unpadded vocab, the key style, a note on Megatron's vocab padding."""
+    info = dict(info)
+    info["vocab_size_padded"] = padded
+    unp = unpadded_vocab(args, padded)
+    if unp is not None:
+        info["vocab_size_unpadded"] = unp
+    layer_norms = [m.group(2) for m in map(_LAYER.match, keys) if m]
+    info["key_style"] = "2024" if "norm.weight" in layer_norms else "current"  # the 2024 Mamba pre-norm name
+    notes = list(info.get("notes", []))
+    if unp is not None and unp < cfg.vocab_size:
+        notes.append(f"vocab: {cfg.vocab_size} rows kept (Megatron padding); the args give {unp} real tokens "
+                     f"(--vocab-size {unp} strips the padding)")
+    info["notes"] = notes
+    return info
+
+
+def build_source(fmt: str, path: Path, args: Any, mspecs: dict[str, TensorSpec],
+                 mget: Callable[[str, Split | None], torch.Tensor], *, where: str, info: dict[str, Any],
+                 search_dirs: list[Path] = ()) -> Source:
+    """search_dirs: where tokenizer files may lie (the checkpoint root, then the iteration directory)."""
+    keys = list(mspecs)
+    _check_args(args, mspecs, where)
+    padded = mspecs["embedding.word_embeddings.weight"][0][0]
+    native_vocab = getattr(args, HYBRIDCTL_VOCAB_ARG, None) or padded
+    conv = [s for k, s in mspecs.items() if k.endswith(("conv1d.weight", "conv1d_weight"))]
+    cfg = config_from_args(args, pattern=layer_pattern(keys, where), vocab=int(native_vocab),
+                           d_conv=conv[0][0][-1] if conv else None, where=where)
+    used = _match_entries(cfg, all_entries(cfg, padded), mspecs, mget, where)
     natives: dict[str, tuple[Entry, str, int]] = {}
     specs: dict[str, TensorSpec] = {}
     for e, key in used.values():
@@ -132,17 +161,5 @@ def build_source(fmt: str, path: Path, args: Any, mspecs: dict[str, TensorSpec],
             cache[key] = e.to_native(mget(key, e.split))
         return cache[key][j]
 
-    info = dict(info)
-    info["vocab_size_padded"] = padded
-    unp = unpadded_vocab(args, padded)
-    if unp is not None:
-        info["vocab_size_unpadded"] = unp
-    layer_norms = [m.group(2) for m in map(_LAYER.match, keys) if m]
-    info["key_style"] = "2024" if "norm.weight" in layer_norms else "current"  # the 2024 Mamba pre-norm name
-    notes = list(info.get("notes", []))
-    if unp is not None and unp < cfg.vocab_size:
-        notes.append(f"vocab: {cfg.vocab_size} rows kept (Megatron padding); the args give {unp} real tokens "
-                     f"(--vocab-size {unp} strips the padding)")
-    info["notes"] = notes
-    return Source(fmt, path, cfg, specs, get, tokenizer_dir=find_tokenizer_dir(*search_dirs), info=info,
-                  validated=True)
+    return Source(fmt, path, cfg, specs, get, tokenizer_dir=find_tokenizer_dir(*search_dirs),
+                  info=_source_info(info, args, cfg, padded, keys), validated=True)
