@@ -477,13 +477,18 @@ _flex_compiled: Callable[..., Any] | None = None
 
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
-    """FlexAttention, torch.compile'd once (compiled is its only fast and memory-efficient form); [B,heads,T,dh]."""
+    """FlexAttention, compiled (its only fast and memory-efficient form); [B,heads,T,dh]. Inside a compiled block
+    it is traced into the block's graph; eagerly it goes through one ``torch.compile``d wrapper made on first use
+    (never while tracing: setting the global there would fail the block's guard and compile it twice)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    gqa = q.shape[1] != k.shape[1]
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     global _flex_compiled
     if _flex_compiled is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
         _flex_compiled = torch.compile(flex_attention, dynamic=False)
-    return _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    return _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
 def _document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout) -> torch.Tensor:

@@ -194,9 +194,9 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, init
     """Causal depthwise conv along time. x [B,T,Ch], weight [Ch,K], bias [Ch], initial_state [B,Ch,K] (the last K
     inputs before x; only the last K-1 are used), seq_idx [B,T]: taps never reach into another document.
 
-    One dense F.conv1d, then the few positions whose window crosses a document start (the first K-1 tokens of each
-    document) are recomputed exactly from their own document's taps and written over the dense result, so neither
-    values nor gradients ever mix documents. CUDA runs in the input dtype (as mamba_ssm's torch fallback does).
+    Without seq_idx one dense F.conv1d; with it, K shifted products whose taps are masked to the output token's own
+    document (``_document_conv``), so neither values nor gradients ever mix documents. CUDA runs in the input dtype
+    (as mamba_ssm's torch fallback does).
     """
     bsz, seqlen, ch = x.shape
     k = weight.shape[-1]
@@ -204,10 +204,11 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, init
     xc, w = x.to(cd), weight.to(cd)
     prev = (initial_state[:, :, 1:].to(cd) if initial_state is not None
             else xc.new_zeros(bsz, ch, k - 1))
-    xp = torch.cat([prev, xc.transpose(1, 2)], dim=2)  # [B,Ch,K-1+T]
-    out = F.conv1d(xp, w[:, None], None, groups=ch).transpose(1, 2)  # [B,T,Ch]
-    if seq_idx is not None:
-        out = _recompute_document_starts(out, xc, w, seq_idx)
+    if seq_idx is None:
+        xp = torch.cat([prev, xc.transpose(1, 2)], dim=2)  # [B,Ch,K-1+T]
+        out = F.conv1d(xp, w[:, None], None, groups=ch).transpose(1, 2)  # [B,T,Ch]
+    else:
+        out = _document_conv(torch.cat([prev.transpose(1, 2), xc], dim=1), w, seq_idx)
     if bias is not None:
         out = out + bias.to(cd)
     if activation == "silu":
@@ -215,25 +216,22 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, init
     return out.to(x.dtype)
 
 
-def _recompute_document_starts(out: Tensor, x: Tensor, w: Tensor, seq_idx: Tensor) -> Tensor:
-    """Overwrite out[b, t] for every t whose K-wide window crosses a document boundary with the taps of its own
-    document only. Such a t lies after a document start inside the row, so its window never needs the initial state
-    (which belongs to the row's first document): taps before position 0 are simply dropped."""
+def _document_conv(xp: Tensor, w: Tensor, seq_idx: Tensor) -> Tensor:
+    """The causal conv of xp [B,K-1+T,Ch] (K-1 initial inputs, then the row) with each tap masked to the output
+    token's own document: out[t] = Σ_i xp[t+i]·w[:, i]·[doc(t+i-K+1) == doc(t)]. The K-1 initial inputs count as the
+    row's first document (the continuing state belongs to it). Static shapes and no host sync, so it compiles into
+    one fused kernel inside a block; a masked tap contributes exactly zero value and zero gradient. Half-precision
+    inputs accumulate in fp32 (as a conv kernel does)."""
     k = w.shape[-1]
-    change = seq_idx[:, 1:] != seq_idx[:, :-1]
-    starts = F.pad(change, (1, 0), value=False)  # [B,T] True where a new document begins
-    affected = starts.clone()
-    for j in range(1, k - 1):
-        affected[:, j:] |= starts[:, :-j]
-    b_idx, t_idx = affected.nonzero(as_tuple=True)
-    if b_idx.numel() == 0:
-        return out
-    vals = x[b_idx, t_idx] * w[:, k - 1]
-    for j in range(1, k):
-        src = t_idx - j
-        ok = (src >= 0) & (seq_idx[b_idx, src.clamp(min=0)] == seq_idx[b_idx, t_idx])
-        vals = vals + x[b_idx, src.clamp(min=0)] * w[:, k - 1 - j] * ok[:, None]
-    return out.index_put((b_idx, t_idx), vals)
+    seqlen = xp.shape[1] - (k - 1)
+    acc = torch.float32 if xp.dtype in (torch.float16, torch.bfloat16) else xp.dtype
+    xa, wa = xp.to(acc), w.to(acc)
+    sid = torch.cat([seq_idx[:, :1].expand(-1, k - 1), seq_idx], dim=1)  # [B,K-1+T]
+    out = xa[:, k - 1:] * wa[:, k - 1]  # the token's own tap: always inside its document
+    for i in range(k - 1):
+        same = (sid[:, i:i + seqlen] == seq_idx).to(acc)[..., None]
+        out = out + xa[:, i:i + seqlen] * wa[:, i] * same
+    return out.to(xp.dtype)
 
 
 def conv_step(conv_state: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None = None, *,

@@ -175,3 +175,18 @@ def test_attention_gqa_causal_documents_and_offset():
     got = ref.attention(q[:, -3:], k, v, offset=t - 3, key_valid=valid)
     m = causal[-3:][None, None] & valid[:, None, None, :]
     assert (got - naive_attention(q[:, -3:], k, v, m)).abs().max() < 1e-12
+
+
+def test_causal_conv1d_seq_idx_compiles_without_graph_break():
+    """The document conv has static shapes and no host sync: it traces as one graph (a data-dependent nonzero made
+    every packed Mamba block break and recompile per batch), and equals the eager result, with an initial state."""
+    g = torch.Generator().manual_seed(3)
+    x, w, bias = (torch.randn(2, 12, 5, generator=g), torch.randn(5, 4, generator=g), torch.randn(5, generator=g))
+    init = torch.randn(2, 5, 4, generator=g)
+    seq_idx = torch.tensor([[0] * 5 + [1] * 7, [0] * 2 + [1] * 3 + [2] * 7], dtype=torch.int32)
+    compiled = torch.compile(ref.causal_conv1d, fullgraph=True, backend="eager")
+    got = compiled(x, w, bias, initial_state=init, seq_idx=seq_idx)
+    assert torch.allclose(got, ref.causal_conv1d(x, w, bias, initial_state=init, seq_idx=seq_idx), atol=1e-6)
+    # the first document keeps the initial state's taps; a later one never sees them
+    assert not torch.allclose(got[:, :1], ref.causal_conv1d(x, w, bias, seq_idx=seq_idx)[:, :1])
+    assert torch.allclose(got[0, 5:], ref.causal_conv1d(x[:1, 5:], w, bias)[0], atol=1e-6)
