@@ -223,8 +223,7 @@ def _raw_recipe(*, checkpoint: Path, run_dir: Path, seq_len: int, base: int, ste
         total = math.ceil(n / (8 * seq_len))  # refined by resolve_recipe; only the warm-up length reads it
     optim.update(lr=lr, min_lr=lr / 10, warmup_steps=max(1, min(100, total // 20)), schedule="cosine",
                  micro_batch=1, global_batch=8)  # micro_batch: chosen by _fit_batch
-    task_options = {"needle": {"min_context_len": min(seq_len, max(128, seq_len // NEEDLE_MIN_FRACTION))}} \
-        if mix.get("needle") else {}
+    task_options = default_task_options(mix, seq_len)
     return {"name": f"extend-{seq_len}", "seed": 0,
             "model": {"init_from": str(checkpoint), **({"rope_base": rope["new"]} if rope else {})},
             "data": {"source": data, "seq_len": seq_len, "mix": mix, "short_fraction": short_fraction,
@@ -232,6 +231,20 @@ def _raw_recipe(*, checkpoint: Path, run_dir: Path, seq_len: int, base: int, ste
                      "task_options": task_options},
             "optim": optim, "checkpoint": {"dir": str(run_dir), "interval": max(1, total // 4), "keep_last": 2},
             "eval": {"interval": 0, "batches": 2}, "logging": {"interval": max(1, min(10, total // 10))}}
+
+
+def default_task_options(mix: dict[str, float], seq_len: int) -> dict[str, dict[str, Any]]:
+    """The mixed-in tasks' options: needle examples of log-uniform length from seq_len / 16 (at least 128) to
+    seq_len (several per row: more answers per token, all lengths seen); phonebook in the evaluation's standard
+    layout (book, solved shots, query) where the phonebook task offers it (``layout``)."""
+    from hybridctl.tasks import task_option_names
+
+    out: dict[str, dict[str, Any]] = {}
+    if mix.get("needle"):
+        out["needle"] = {"min_context_len": min(seq_len, max(128, seq_len // NEEDLE_MIN_FRACTION))}
+    if mix.get("phonebook") and "layout" in task_option_names("phonebook"):
+        out["phonebook"] = {"layout": "standard"}
+    return out
 
 
 def plan_extension(*, checkpoint: str | Path, seq_len: int, out: str | Path, tokens: int | None = None,

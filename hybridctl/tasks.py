@@ -152,6 +152,11 @@ class _Copy(_Task):
 _TASK_OPTIONS["needle"] = ("context_len", "min_context_len")  # here, beside the task it configures
 
 
+def task_option_names(name: str) -> tuple[str, ...]:
+    """The options the training task ``name`` takes."""
+    return tuple(_TASK_OPTIONS[name])
+
+
 class _Needle(_Task):
     """The pass-key task in the evaluation layout (``needle_examples``), as training examples: filler sentences
     filling the example's budget, the needle at a uniformly random depth, the question; the target is the key. The
