@@ -295,7 +295,7 @@ class MixedLoader:
     """Rows of ``seq_len`` tokens, each drawn from one component, the batch contract of `PackedLoader`.
 
     Components: ``"corpus"`` (the sources, documents of at least ``min_doc_tokens`` tokens, packed at seq_len),
-    the tasks ``"phonebook"`` / ``"needle"`` / ``"copy"`` (examples filling seq_len), with the ``mix`` weights scaled
+    the tasks ``"phonebook"`` / ``"needle"`` / ``"copy"`` (examples filling seq_len; ``task_options[task]`` their options), with the ``mix`` weights scaled
     by ``1 - short_fraction``; and ``"short"`` (weight ``short_fraction``): seq_len // short_seq_len corpus windows of
     short_seq_len tokens (every document, in another seeded order), each its own sequence (``seq_idx``), the rest
     padding. Global row r's component is a pure function of (seed, r); each component is a one-row-per-batch PackedLoader over the global
