@@ -6,7 +6,9 @@ Sources (``build_loader(source=...)``, a string or a list of strings):
                    line, then ``Name: `` of one entry; the answer is its number. Options ``n_entries`` (default: fill
                    the context), ``context_len`` (tokens per example, default ``seq_len + 1``).
   ``"copy"``       a random lowercase string, a newline, the same tokens again. Options ``min_len``, ``max_len``
-                   (characters), ``context_len``. The tasks themselves live in `hybridctl.tasks`; their exact-match
+                   (characters), ``context_len``.
+  ``"needle"``     the pass-key task in the evaluation's layout (`hybridctl.tasks`). Options ``context_len``,
+                   ``min_context_len`` (each example's length log-uniform between the two; default: fill the row). The tasks themselves live in `hybridctl.tasks`; their exact-match
                    accuracy is `hybridctl.evaluation.task_accuracy`.
   a file, a directory, a glob (text, JSONL, zstd of those; blank lines separate plain-text documents) or a Megatron
                    prefix: read by `hybridctl.corpora` (its docstring gives the formats). Megatron documents are token
@@ -293,7 +295,7 @@ class MixedLoader:
     """Rows of ``seq_len`` tokens, each drawn from one component, the batch contract of `PackedLoader`.
 
     Components: ``"corpus"`` (the sources, documents of at least ``min_doc_tokens`` tokens, packed at seq_len),
-    the tasks ``"phonebook"`` / ``"needle"`` / ``"copy"`` (examples filling seq_len), with the ``mix`` weights scaled
+    the tasks ``"phonebook"`` / ``"needle"`` / ``"copy"`` (examples filling seq_len; ``task_options[task]`` their options), with the ``mix`` weights scaled
     by ``1 - short_fraction``; and ``"short"`` (weight ``short_fraction``): seq_len // short_seq_len corpus windows of
     short_seq_len tokens (every document, in another seeded order), each its own sequence (``seq_idx``), the rest
     padding. Global row r's component is a pure function of (seed, r); each component is a one-row-per-batch PackedLoader over the global
@@ -301,10 +303,16 @@ class MixedLoader:
     as PackedLoader's do. Endless."""
 
     def __init__(self, config: DataConfig, *, mix: dict[str, float], short_fraction: float, short_seq_len: int,
-                 tokenizer: Tokenizer, rank: int, world_size: int) -> None:
+                 tokenizer: Tokenizer, rank: int, world_size: int,
+                 task_options: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         from hybridctl.recipe import check_mix
 
         check_mix(mix, short_fraction, short_seq_len, config.seq_len)
+        task_options = dict(task_options or {})
+        for name, opts in task_options.items():
+            if name not in TASKS or not isinstance(opts, Mapping):
+                raise HybridctlError(f"data.task_options.{name}: in a mixed stream, task_options maps a task "
+                                     f"({', '.join(TASKS)}) to its options, e.g. task_options.needle.min_context_len")
         if config.epochs is not None:
             raise HybridctlError("data: a mixed stream is endless (epochs must be None)")
         self.config, self.rank, self.world_size = config, rank, world_size
@@ -314,7 +322,8 @@ class MixedLoader:
         self.parts: dict[str, PackedLoader] = {}
         for name, w in sorted(mix.items()):
             if w > 0:
-                opts = dict(sources=(name,), task_options={}, min_doc_tokens=0) if name != "corpus" else {}
+                opts = dict(sources=(name,), task_options=dict(task_options.get(name, {})), min_doc_tokens=0) \
+                    if name != "corpus" else {}
                 self.parts[name] = PackedLoader(dataclasses.replace(config, **one, **opts), tokenizer=tokenizer,
                                                 rank=0, world_size=1)
         if short_fraction > 0:
@@ -396,15 +405,18 @@ def build_loader(*, source: str | Sequence[str], tokenizer: Tokenizer, seq_len: 
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
         raise HybridctlError(f"data: need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
     sources = (source,) if isinstance(source, str) else tuple(source)
+    mixed = bool(mix or short_fraction)  # mixed: task_options = {task: {option: value}} for the mixed-in tasks
     config = DataConfig(sources=tuple(s.strip() if isinstance(s, str) else s for s in sources), seq_len=seq_len,
-                        batch_size=batch_size, seed=seed, split=split, task_options=dict(task_options or {}),
+                        batch_size=batch_size, seed=seed, split=split,
+                        task_options={} if mixed else dict(task_options or {}),
                         text_field=text_field, eval_every=eval_every, shuffle_buffer=shuffle_buffer, epochs=epochs,
                         min_doc_tokens=min_doc_tokens)
-    if mix or short_fraction:
+    if mixed:
         log.info("data: mix %s, short fraction %g of %d-token sequences, seq_len %d", dict(mix or {}),
                  short_fraction, short_seq_len, seq_len)
         return MixedLoader(config, mix=dict(mix or {"corpus": 1.0}), short_fraction=short_fraction,
-                           short_seq_len=short_seq_len, tokenizer=tokenizer, rank=rank, world_size=world_size)
+                           short_seq_len=short_seq_len, tokenizer=tokenizer, rank=rank, world_size=world_size,
+                           task_options=task_options)
     loader = PackedLoader(config, tokenizer=tokenizer, rank=rank, world_size=world_size)
     log.info("data: %s, split %s, seq_len %d, batch %d x %d ranks", ", ".join(sources), split, seq_len, batch_size,
              world_size)

@@ -38,7 +38,8 @@ from hybridctl.recipe import MIX_COMPONENTS, Recipe, check_mix, resolve_recipe
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MIX = {"corpus": 0.8, "needle": 0.1, "phonebook": 0.1}
+DEFAULT_MIX = {"corpus": 0.6, "needle": 0.3, "phonebook": 0.1}
+NEEDLE_MIN_FRACTION = 16  # needle examples: log-uniform lengths from seq_len / 16 (at least 128) to seq_len
 DEFAULT_SHORT_FRACTION = 0.2
 DEFAULT_STEPS = 100
 DEFAULT_LR = 3e-4  # when the checkpoint records no pretraining peak
@@ -127,7 +128,8 @@ class ExtendPlan:
                 "activation_checkpointing": r.parallel.activation_checkpointing, "world_size": self.world_size,
                 "lr": {"peak": r.optim.lr, "min": r.optim.min_lr, "warmup_steps": r.optim.warmup_steps,
                        "schedule": r.optim.schedule},
-                "data": {"source": r.data.source, "mix": r.data.mix, "short_fraction": r.data.short_fraction,
+                "data": {"source": r.data.source, "mix": r.data.mix, "task_options": r.data.task_options,
+                         "short_fraction": r.data.short_fraction,
                          "short_seq_len": r.data.short_seq_len, "min_doc_tokens": r.data.min_doc_tokens},
                 "memory": self.memory, "inference": self.inference, "rope": self.rope,
                 "device": self.device, "capacity_bytes": self.capacity_bytes, "fits": self.memory["fits"],
@@ -221,12 +223,28 @@ def _raw_recipe(*, checkpoint: Path, run_dir: Path, seq_len: int, base: int, ste
         total = math.ceil(n / (8 * seq_len))  # refined by resolve_recipe; only the warm-up length reads it
     optim.update(lr=lr, min_lr=lr / 10, warmup_steps=max(1, min(100, total // 20)), schedule="cosine",
                  micro_batch=1, global_batch=8)  # micro_batch: chosen by _fit_batch
+    task_options = default_task_options(mix, seq_len)
     return {"name": f"extend-{seq_len}", "seed": 0,
             "model": {"init_from": str(checkpoint), **({"rope_base": rope["new"]} if rope else {})},
             "data": {"source": data, "seq_len": seq_len, "mix": mix, "short_fraction": short_fraction,
-                     "short_seq_len": base if short_fraction > 0 else 0, "min_doc_tokens": base + 1},
+                     "short_seq_len": base if short_fraction > 0 else 0, "min_doc_tokens": base + 1,
+                     "task_options": task_options},
             "optim": optim, "checkpoint": {"dir": str(run_dir), "interval": max(1, total // 4), "keep_last": 2},
             "eval": {"interval": 0, "batches": 2}, "logging": {"interval": max(1, min(10, total // 10))}}
+
+
+def default_task_options(mix: dict[str, float], seq_len: int) -> dict[str, dict[str, Any]]:
+    """The mixed-in tasks' options: needle examples of log-uniform length from seq_len / 16 (at least 128) to
+    seq_len (several per row: more answers per token, all lengths seen); phonebook in the evaluation's standard
+    layout (book, solved shots, query) where the phonebook task offers it (``layout``)."""
+    from hybridctl.tasks import task_option_names
+
+    out: dict[str, dict[str, Any]] = {}
+    if mix.get("needle"):
+        out["needle"] = {"min_context_len": min(seq_len, max(128, seq_len // NEEDLE_MIN_FRACTION))}
+    if mix.get("phonebook") and "layout" in task_option_names("phonebook"):
+        out["phonebook"] = {"layout": "standard"}
+    return out
 
 
 def plan_extension(*, checkpoint: str | Path, seq_len: int, out: str | Path, tokens: int | None = None,
@@ -336,22 +354,27 @@ def evaluate_checkpoint(path: str | Path, *, tokenizer: Any, lengths: list[int],
                         n: int, device: Any = None, seed: int = 1234) -> dict[str, Any]:
     """The long-context report of one checkpoint: perplexity by position (window = the longest eval length),
     phonebook accuracy (paper's standard layout, random depth) per length, needle accuracy over depth × length.
-    Scored by plain greedy decoding (``evaluation.greedy_forward``) through ``task_eval.sweep_task``."""
+    Scored by greedy decoding on the decode runtime (``task_eval.sweep_task``'s default, the ``generate`` path);
+    fp32 weights on the CPU, bf16 on CUDA."""
+    import time
+
     import torch
 
     from hybridctl.checkpoint import load_model
-    from hybridctl.evaluation import greedy_forward
     from hybridctl.task_eval import sweep_task
 
-    model, _ = load_model(path, device=device or "cpu", dtype=torch.float32)
-    gen = greedy_forward(model, eos_id=tokenizer.eos_id, vocab_size=min(model.cfg.vocab_size, tokenizer.vocab_size))
+    dev = torch.device(device or "cpu")
+    t0 = time.perf_counter()
+    model, _ = load_model(path, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
     out: dict[str, Any] = {"checkpoint": str(path)}
     out["perplexity"] = perplexity_rows(model, docs, window=max(lengths), base=base)
+    log.info("eval %s: perplexity within / beyond %d: %.3f / %.3f", path, base, out["perplexity"]["ppl_within_base"],
+             out["perplexity"]["ppl_beyond_base"] or float("nan"))
     book, hay = task_lengths("phonebook", tokenizer, lengths), task_lengths("needle", tokenizer, lengths)
-    out["phonebook"] = sweep_task(model, tokenizer, "phonebook", book, None, n=n, seed=seed, layouts=("standard",),
-                                  generate=gen) if book else []
-    out["needle"] = sweep_task(model, tokenizer, "needle", hay, NEEDLE_DEPTHS, n=n, seed=seed, generate=gen) \
-        if hay else []
+    out["phonebook"] = sweep_task(model, tokenizer, "phonebook", book, None, n=n, seed=seed,
+                                  layouts=("standard",)) if book else []
+    out["needle"] = sweep_task(model, tokenizer, "needle", hay, NEEDLE_DEPTHS, n=n, seed=seed) if hay else []
+    out["wall_s"] = time.perf_counter() - t0
     return out
 
 
@@ -380,6 +403,10 @@ def compare(before: dict[str, Any], after: dict[str, Any], lengths: list[int]) -
     out: dict[str, Any] = {}
     for k in ("ppl_within_base", "ppl_beyond_base"):
         out[k] = {"before": before["perplexity"][k], "after": after["perplexity"][k]}
+    # short-context loss: nats per token at positions below the trained length (causal: = the loss of a window of
+    # the trained length); "change" is after / before - 1 (the issue's bound: it must not rise by more than 2%)
+    b, a = (math.log(x) for x in (out["ppl_within_base"]["before"], out["ppl_within_base"]["after"]))
+    out["short_context_loss"] = {"before": b, "after": a, "change": a / b - 1}
     for task in ("phonebook", "needle"):
         out[task] = {str(x): {"before": _pooled(before[task], x), "after": _pooled(after[task], x)}
                      for x in lengths if any(r["length"] == x for r in after[task])}
@@ -415,7 +442,7 @@ class ExtendResult:
     def summary(self) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "report": str(self.run_dir / "report.json"),
                 "plots": [str(p) for p in self.plots], **self.report["compare"],
-                "train": self.train.summary() if hasattr(self.train, "summary") else None}
+                "train": self.report["train"]}
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -437,6 +464,29 @@ def _cached(path: Path, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+class _PeakMemory:
+    """CUDA peak allocated bytes over the block (training), None elsewhere."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.peak: int | None = None
+
+    def __enter__(self) -> _PeakMemory:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+
+
 def run_extension(plan: ExtendPlan, *, train_fn: Callable[..., Any], resume: str | None = "auto",
                   device: str | None = None, backend: str | None = None) -> ExtendResult | None:
     """Write the run directory, evaluate the base (once: cached), train through ``train_fn(recipe=, run_dir=,
@@ -450,13 +500,15 @@ def run_extension(plan: ExtendPlan, *, train_fn: Callable[..., Any], resume: str
     run_dir, created = plan.run_dir, not plan.run_dir.exists()
     tok = _tokenizer(plan.recipe, _base_info(plan.checkpoint, plan.base_seq_len)[0])
     ev = dict(tokenizer=tok, lengths=plan.eval_lengths, base=plan.base_seq_len, docs=plan.eval_docs,
-              n=plan.eval_examples)
+              n=plan.eval_examples, device=plan.device)
     try:
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(run_dir / "plan.json", plan.summary())
             before = _cached(run_dir / "eval_before.json", lambda: evaluate_checkpoint(plan.checkpoint, **ev))
-        res = train_fn(recipe=plan.recipe, run_dir=run_dir, resume=resume, device=device, backend=backend)
+        peak = _PeakMemory(plan.device)
+        with peak:
+            res = train_fn(recipe=plan.recipe, run_dir=run_dir, resume=resume, device=device, backend=backend)
     except BaseException:
         if main and created and run_dir.is_dir() and find_checkpoint(run_dir) is None:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -465,7 +517,8 @@ def run_extension(plan: ExtendPlan, *, train_fn: Callable[..., Any], resume: str
         return None
     after = evaluate_checkpoint(res.export, **ev)
     write_json(run_dir / "eval_after.json", after)
-    report = {"plan": plan.summary(), "train": res.summary() if hasattr(res, "summary") else None,
+    train = dict(res.summary(), peak_memory_bytes=peak.peak) if hasattr(res, "summary") else None
+    report = {"plan": plan.summary(), "train": train,
               "before": before, "after": after, "compare": compare(before, after, plan.eval_lengths)}
     write_json(run_dir / "report.json", report)
     return ExtendResult(run_dir, report, write_plots(run_dir, before, after), res)

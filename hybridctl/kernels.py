@@ -360,6 +360,9 @@ def force_document_attention(kind: str | None):
 def _document_kind(device: torch.device, dtype: torch.dtype) -> str:
     if _doc_kind is not None:
         return _doc_kind
+    env = os.environ.get("HYBRIDCTL_DOC_ATTENTION")  # flash | flex | segments | dense: force one path (benchmarks;
+    if env:  # "segments" skips FlexAttention's per-shape compile on CUDA)
+        return env
     eff = backend()  # also resolves _requested
     if _requested == "ref":
         return "dense"

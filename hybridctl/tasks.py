@@ -17,6 +17,7 @@ Scoring is `hybridctl.evaluation.exact_match` (first line of the greedy continua
 from __future__ import annotations
 
 import itertools
+import math
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -148,10 +149,20 @@ class _Copy(_Task):
 
 
 
+_TASK_OPTIONS["needle"] = ("context_len", "min_context_len")  # here, beside the task it configures
+
+
+def task_option_names(name: str) -> tuple[str, ...]:
+    """The options the training task ``name`` takes."""
+    return tuple(_TASK_OPTIONS[name])
+
+
 class _Needle(_Task):
     """The pass-key task in the evaluation layout (``needle_examples``), as training examples: filler sentences
     filling the example's budget, the needle at a uniformly random depth, the question; the target is the key. The
-    ids are built from the pieces' own encodings (no search), so the prompt may merge differently from its text."""
+    ids are built from the pieces' own encodings (no search), so the prompt may merge differently from its text.
+    Options: ``context_len`` (the budget; default the row), ``min_context_len`` (each example's budget drawn
+    log-uniformly in [min_context_len, context_len], at least one filler sentence: rows of several examples)."""
 
     def example(self, i: int) -> TokenDoc:
         rng = self.rng(i)
@@ -159,9 +170,16 @@ class _Needle(_Task):
         needle, question = self.encode(_NEEDLE.format(key=key)), self.newline + self.encode(_NEEDLE_QUESTION)
         answer = self.encode(f" {key}")
         sentences = [self.encode(s + ". ") for s in _FILLER.split(". ") if s.strip(". ")]
-        room = self.budget - len(self.bos) - len(needle) - len(question) - len(answer) - 1
+        fixed = len(self.bos) + len(needle) + len(question) + len(answer) + 1
+        budget, lo = self.budget, self.options.get("min_context_len")
+        if lo is not None:  # log-uniform in [lo, budget]: several short examples per row, some at full length
+            if lo > budget:
+                raise HybridctlError(f"needle.min_context_len: {lo} exceeds the example budget {budget}")
+            drawn = int(round(math.exp(rng.uniform(math.log(lo), math.log(budget)))))
+            budget = min(budget, max(drawn, fixed + max(len(s) for s in sentences)))  # at least one sentence
+        room = budget - fixed
         if room < 0:
-            raise HybridctlError(f"needle: an example needs over {self.budget - room} tokens; raise seq_len")
+            raise HybridctlError(f"needle: an example needs over {fixed} tokens; raise seq_len")
         filler: list[list[int]] = []
         while room >= len(sentences[len(filler) % len(sentences)]):
             filler.append(sentences[len(filler) % len(sentences)])

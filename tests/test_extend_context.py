@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from hybridctl.cli import app
 from hybridctl.config import HybridctlError
 from hybridctl.data import IGNORE_INDEX, build_loader
-from hybridctl.extend_context import ntk_rope_base, parse_lengths, parse_mix
+from hybridctl.extend_context import DEFAULT_MIX, ntk_rope_base, parse_lengths, parse_mix
 from hybridctl.recipe import load_recipe
 from hybridctl.tasks import make_task
 from hybridctl.tokenizer import build_tokenizer
@@ -54,7 +54,8 @@ def test_dry_run_plan_writes_nothing(base, tmp_path):
     i = s["inference"]  # NoPE hybrid: SSM state + KV of its one attention layer vs an all-attention stack
     assert i["ssm_state_bytes"] > 0 and i["transformer_kv_bytes"] > i["kv_cache_bytes"] > 0
     assert s["rope"] is None and s["eval_lengths"] == [64, 128, 256]
-    assert s["data"]["mix"] == {"corpus": 0.8, "needle": 0.1, "phonebook": 0.1}
+    assert s["data"]["mix"] == DEFAULT_MIX and sum(DEFAULT_MIX.values()) == pytest.approx(1)
+    assert s["data"]["task_options"]["needle"] == {"min_context_len": 128}  # max(128, 256 // 16)
     assert s["data"]["min_doc_tokens"] == 65 and s["data"]["short_seq_len"] == 64
     assert s["lr"]["warmup_steps"] >= 1 and s["lr"]["min"] < s["lr"]["peak"]
     table = _run(base, "--seq-len", 256, "--out", out, "--dry-run")
@@ -172,6 +173,33 @@ def test_needle_training_task_targets_the_key():
     assert np.array_equal(make_task("needle", tok, 300, 0, "train", {}).example(3).ids, doc.ids)
 
 
+def test_needle_min_context_len_packs_several_examples_per_row():
+    """min_context_len: example lengths spread log-uniformly between it and the row; each is the evaluation's
+    layout (the same prompt text needle_examples builds, up to the filler count) with only the key as a target."""
+    from hybridctl.tasks import needle_examples
+
+    tok = build_tokenizer("byte")
+    task = make_task("needle", tok, 1024, 0, "train", {"min_context_len": 128})
+    sizes = [len(task.example(i).ids) for i in range(200)]
+    assert 100 <= min(sizes) <= 200 and max(sizes) > 800 and np.median(sizes) < 512
+    doc = task.example(7)
+    prompt = tok.decode(doc.ids[:int(np.flatnonzero(doc.targets)[0])].tolist())
+    key = tok.decode(doc.ids[doc.targets].tolist()).strip()
+    ref = needle_examples(tok, len(doc.ids), n=1, depth=0.0)[0].prompt_text
+    assert prompt.endswith(ref[ref.index("\n"):]) and f"The pass key is {key}. Remember it." in prompt
+    assert prompt.startswith("The grass is green.") or prompt.startswith("The pass key is")
+    with pytest.raises(HybridctlError, match="min_context_len"):
+        make_task("needle", tok, 256, 0, "train", {"min_context_len": 999})
+    rows = build_loader(source="builtin", tokenizer=tok, seq_len=1024, batch_size=8, mix={"needle": 1.0},
+                        task_options={"needle": {"min_context_len": 128}})
+    b = next(rows)
+    docs = [int(b["seq_idx"][r].max()) for r in range(8)]  # examples (+ padding) per row
+    assert np.mean(docs) >= 1.5  # whole examples per row: about 2 (the rest padding)
+    with pytest.raises(HybridctlError, match="maps a task"):
+        build_loader(source="builtin", tokenizer=tok, seq_len=256, batch_size=1, mix={"corpus": 1.0},
+                     task_options={"min_context_len": 128})
+
+
 # ---- a shortened run ---------------------------------------------------------------------------------------------
 
 
@@ -190,7 +218,10 @@ def test_extend_run_mechanics(base, tmp_path):
         assert ev["perplexity"]["buckets"] and ev["perplexity"]["ppl_beyond_base"] > 1
         assert {(x["length"], x["depth"]) for x in ev["needle"]} == {(320, d) for d in (0, .25, .5, .75, 1)}
         assert [x["length"] for x in ev["phonebook"]] == [320]
-    assert set(rep["compare"]) == {"ppl_within_base", "ppl_beyond_base", "phonebook", "needle"}
+    assert set(rep["compare"]) == {"ppl_within_base", "ppl_beyond_base", "short_context_loss", "phonebook", "needle"}
+    sc = rep["compare"]["short_context_loss"]
+    assert sc["before"] == pytest.approx(np.log(rep["compare"]["ppl_within_base"]["before"]))
+    assert sc["change"] == pytest.approx(sc["after"] / sc["before"] - 1)
     for png in ("accuracy_needle.png", "accuracy_phonebook.png", "needle_heatmap.png", "perplexity_by_position.png"):
         assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
     cfg = json.loads((out / "final" / "config.json").read_text())
