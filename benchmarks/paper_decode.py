@@ -163,7 +163,8 @@ def sweep(name: str, cfg: ModelConfig, args, device: torch.device, deadline: flo
                 print(f"{name} B={B} L={L}: {row['status']} "
                       f"{row.get('decode_tok_s', float('nan')):.1f} tok/s", flush=True)
     info = {"params": sum(p.numel() for p in model.parameters()), "weight_bytes": weights,
-            "pattern": cfg.pattern, "memory_per_sequence": memory_per_sequence(cfg), "largest_batch": fit}
+            "pattern": cfg.pattern, "memory_per_sequence": memory_per_sequence(cfg),
+            "largest_batch": fit or getattr(args, "prior_fit", {})}
     del model
     free_bytes(device)
     return {"rows": rows, "info": info}
@@ -235,12 +236,15 @@ def run(args, device: torch.device, deadline: float) -> dict[str, Any]:
            "weights": "random (seed 0), bf16", "state_dtype": "float32"}
     result: dict[str, Any] = {"env": env, "models": [n for n, _ in pairs], "rows": [], "info": {}}
     prior = json.loads(Path(args.reuse).read_text()) if args.reuse else {"rows": [], "info": {}}
-    todo = [n for n, _ in pairs if n not in prior["info"]]
+    measured = {r["model"] for r in prior["rows"] if r.get("status") == "ok"}  # all rows skipped = not measured
+    todo = [n for n, _ in pairs if n not in prior["info"] or n not in measured]
     for name, cfg in pairs:
         if name not in todo:  # measured in an earlier run (--reuse): its rows and info are taken as they are
             result["rows"] += [r for r in prior["rows"] if r["model"] == name]
             result["info"][name] = {**prior["info"][name], "from": args.reuse}
             continue
+        if name in prior["info"] and not args.fit_contexts:  # keep the earlier run's largest-batch search
+            args.prior_fit = prior["info"][name].get("largest_batch", {})
         now = time.perf_counter()  # each model gets an equal share of the time left
         s = sweep(name, cfg, args, device, now + (deadline - now) / (len(todo) - todo.index(name)))
         result["rows"] += s["rows"]
@@ -257,7 +261,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=list(BATCHES))
     ap.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=list(CONTEXTS))
-    ap.add_argument("--fit-contexts", type=lambda s: [int(x) for x in s.split(",")], default=[32768, 131072])
+    ap.add_argument("--fit-contexts", type=lambda s: [int(x) for x in s.split(",") if x], default=[32768, 131072],
+                    help="contexts of the largest-batch search ('' : none; with --reuse the earlier figures stay)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--budget-s", type=float, default=200.0)

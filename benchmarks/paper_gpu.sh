@@ -1,27 +1,66 @@
 #!/usr/bin/env bash
-# The paper reproductions in one device call (benchmarks/paper.md): decode speed-up hybrid vs Transformer (1.3B pair,
-# then the 8B pair on a smaller grid while time is left), then the phonebook trio. Writes JSON, PNG and logs to $OUT.
+# The paper reproductions in one device call (benchmarks/paper.md), in priority order, each part under its own timeout:
+#   1. bench vs generate agreement: `hybridctl bench` and `hybridctl generate --json` back to back on one hybrid-1.3b
+#      bf16 checkpoint (batch 1, 1024-token prompt, 128 new tokens);
+#   2. phonebook: three equal-size models trained on the same batches (benchmarks/paper_phonebook.py), then
+#      `hybridctl bench --no-speed --task phonebook` on the three exported checkpoints;
+#   3. decode speed-up: the hybrid-1.3b side of the grid (paper_decode.py --reuse the Transformer's earlier rows).
 #   on the lent H200, from the repo root:   bash benchmarks/paper_gpu.sh
 #   CPU smoke test of the same steps:       SMOKE=1 OUT=/tmp/paper_out bash benchmarks/paper_gpu.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/paper_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+W=${WORK:-/tmp/paper_work}; mkdir -p "$W"
+HC="python3 -m hybridctl"
 if [ -z "${SMOKE:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia_smi.txt" 2>&1
-  D13="--pair hybrid-1.3b,transformer-1.3b --batches 1,4,16,64 --budget-s 65"
-  D8="--pair hybrid-8b,transformer-8b --batches 1,8,32 --contexts 4096,32768,131072 --budget-s 30"
-  PB="--budget-s 130 --eval-reserve-s 25"
+  PRESET=hybrid-1.3b; PROMPT=1023; NEW=128; DEV=""
+  PB="--budget-s ${PB_BUDGET:-75} --eval-reserve-s 12 --producers 12"; PBL="640,1024,1536"; PBS=8
+  D13="--pair hybrid-1.3b,transformer-1.3b --batches 1,4,16,64 --fit-contexts= --budget-s 40"
 else
-  D13="--tiny --device cpu --batches 1,4 --contexts 256,1024 --fit-contexts 512 --steps 3 --budget-s 30"
-  D8="--tiny --device cpu --batches 1 --contexts 256 --fit-contexts 256 --steps 2 --budget-s 10"
-  PB="--tiny --device cpu --sizes 2,4 --eval-sizes 2,4 --eval-batches 1 --eval-batch 8 --budget-s 30 --calibrate 4 --log-every 5"
+  PRESET=tiny; PROMPT=100; NEW=16; DEV="--device cpu"
+  PB="--device cpu --tiny --budget-s 30 --eval-reserve-s 10 --producers 1 --calibrate 4 --log-every 5 --eval-sizes 1,4
+      --eval-batches 1 --eval-batch 4 --max-steps 8"; PBL="640"; PBS=1
+  D13="--tiny --device cpu --batches 1 --contexts 256 --fit-contexts= --steps 2 --budget-s 10"
 fi
 python3 -c "import torch, sys; print(sys.version, torch.__version__, torch.cuda.is_available())" | tee "$OUT/env.txt"
-timeout 95 python3 benchmarks/paper_decode.py $D13 --out "$OUT/paper_decode_1.3b.json" --plot "$OUT/paper_decode_1.3b.png" \
-  2>&1 | tee "$OUT/decode.log"
-timeout 55 python3 benchmarks/paper_decode.py $D8 --out "$OUT/paper_decode_8b.json" --plot "$OUT/paper_decode_8b.png" \
-  2>&1 | tail -40 | tee -a "$OUT/decode.log"
-timeout 160 python3 benchmarks/paper_phonebook.py $PB --out "$OUT/paper_phonebook.json" --plot "$OUT/paper_phonebook.png" \
-  2>&1 | tee "$OUT/phonebook.log"
-ls -la "$OUT"
+echo "== part 1: bench vs generate ($(date -u +%T))"
+$HC build --preset $PRESET --dtype bfloat16 -o "$W/ckpt" --json > "$OUT/build.json" 2> "$OUT/build.err"; echo "build rc $?"
+python3 -c "print('a' * $PROMPT, end='')" > "$W/prompt.txt"   # + BOS = PROMPT + 1 tokens (byte tokenizer)
+timeout 170 $HC bench "$W/ckpt" $DEV --batch 1 --prompt-len $((PROMPT + 1)) --new-tokens $NEW --json \
+  > "$OUT/bench_1.3b.json" 2> "$OUT/bench_1.3b.err"; echo "bench rc $? ($(date -u +%T))"
+timeout 90 $HC generate "$W/ckpt" $DEV --prompt-file "$W/prompt.txt" --max-new-tokens $NEW --ignore-eos --json \
+  > "$OUT/generate_1.3b.json" 2> "$OUT/generate_1.3b.err"; echo "generate rc $? ($(date -u +%T))"
+python3 - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+try:
+    b = json.load(open(f"{out}/bench_1.3b.json")); g = json.load(open(f"{out}/generate_1.3b.json"))
+    def find(o, key):  # the first value under ``key`` anywhere in a JSON object
+        if isinstance(o, dict):
+            if key in o:
+                return o[key]
+            o = list(o.values())
+        if isinstance(o, list):
+            for v in o:
+                if (r := find(v, key)) is not None:
+                    return r
+        return None
+    bt, gt = find(b, "decode_tokens_per_s")["mean"], find(g, "decode_tokens_per_s")
+    print(f"bench decode {bt:.1f} tok/s (plan {find(b, 'mode')}), generate decode {gt:.1f} tok/s "
+          f"(mode {find(g, 'mode')}), ratio bench/generate {bt / gt:.4f}")
+except Exception as e:  # the raw files are in $OUT either way
+    print("agreement: could not compare:", type(e).__name__, e)
+PY
+echo "== part 2: phonebook ($(date -u +%T))"
+rm -f "$W/ckpt"/*.safetensors
+timeout 140 python3 benchmarks/paper_phonebook.py $PB --out-dir "$W/pb" 2>&1 | tee "$OUT/phonebook.log"
+cp "$W/pb/paper_phonebook.json" "$OUT/" 2>/dev/null
+timeout 60 $HC bench "$W/pb/hybrid/final" "$W/pb/mamba2/final" "$W/pb/transformer/final" $DEV --no-speed \
+  --task phonebook --lengths $PBL --samples $PBS --json --plot "$OUT/pb_plots" > "$OUT/bench_phonebook.json" \
+  2> "$OUT/bench_phonebook.err"; echo "bench phonebook rc $? ($(date -u +%T))"
+echo "== part 3: hybrid decode grid ($(date -u +%T))"
+timeout 70 python3 benchmarks/paper_decode.py $D13 --reuse benchmarks/results/paper_decode_h200.json \
+  --out "$OUT/paper_decode_1.3b.json" --plot "$OUT/paper_decode_1.3b.png" 2>&1 | tee "$OUT/decode.log"
+echo "== done ($(date -u +%T))"; ls -la "$OUT"

@@ -37,9 +37,12 @@ class TokenDoc:
     targets: np.ndarray
 
 
-_TASK_OPTIONS = {"phonebook": ("n_entries", "context_len"), "copy": ("min_len", "max_len", "context_len"),
+_TASK_OPTIONS = {"phonebook": ("n_entries", "context_len", "layout", "min_entries", "shots"), "copy": ("min_len", "max_len", "context_len"),
                  "needle": ("context_len",)}
 _CONSONANTS, _VOWELS = "bcdfghklmnprstvz", "aeiou"
+# phonebook training layouts: "lines" (``Name: number`` lines, a blank line, ``Name: ``), or the evaluation prompts'
+# own "standard" / "reversed" layout (``phonebook_examples``), or "both" (one of the two per example)
+TRAIN_LAYOUTS = ("lines", "standard", "reversed", "both")
 
 
 def _phone_entries(rng: np.random.Generator, chunk: int = 64) -> Iterator[list[tuple[str, str]]]:
@@ -66,7 +69,13 @@ class _Task:
         if unknown:
             raise HybridctlError(f"{name}: unknown option(s) {unknown}; valid: {list(_TASK_OPTIONS[name])}")
         for key, v in options.items():
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            if key == "layout":
+                if v not in TRAIN_LAYOUTS:
+                    raise HybridctlError(f"{name}.layout: must be one of {', '.join(TRAIN_LAYOUTS)}, got {v!r}")
+            elif key == "shots":
+                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                    raise HybridctlError(f"{name}.shots: must be a non-negative integer, got {v!r}")
+            elif v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise HybridctlError(f"{name}.{key}: must be a positive integer, got {v!r}")
         self.name, self.options, self.seed, self.split_code = name, dict(options), seed, SPLITS.index(split)
         self.budget = self.options.get("context_len") or seq_len + 1
@@ -101,6 +110,11 @@ class _Task:
 
 class _Phonebook(_Task):
     def example(self, i: int) -> TokenDoc:
+        layout = self.options.get("layout", "lines")
+        if layout != "lines":
+            return self._paper(i, layout)
+        if {"min_entries", "shots"} & set(self.options):
+            raise HybridctlError("phonebook: min_entries and shots need layout standard, reversed or both")
         rng, n_entries = self.rng(i), self.options.get("n_entries")
         names: set[str] = set()
         entries: list[tuple[list[int], list[int]]] = []  # (ids of "Name: ", ids of the number)
@@ -127,6 +141,43 @@ class _Phonebook(_Task):
         key, value = entries[int(rng.integers(len(entries)))]
         book = [t for k, v in entries for t in (*k, *v, *self.newline)]
         return self.finish(self.bos + book + self.newline + key, value)
+
+    def _paper(self, i: int, layout: str) -> TokenDoc:
+        """An evaluation-layout example (``phonebook_examples``' prompt) for training: the book, up to ``shots``
+        solved questions about other entries, the query; targets: every answer, the newline after each shot's
+        answer and the EOS after the query's (so a model learns where an answer ends). Pieces are encoded apart."""
+        rng = self.rng(i)
+        if layout == "both":
+            layout = PHONEBOOK_LAYOUTS[int(rng.integers(2))]
+        most, depth = self.options.get("n_entries"), float(rng.random())
+        fewest, shots = self.options.get("min_entries") or most or 1, self.options.get("shots", 2)
+        if most is not None and fewest > most:
+            raise HybridctlError(f"phonebook: min_entries {fewest} exceeds n_entries {most}")
+        k = int(rng.integers(fewest, most + 1)) if most else None
+        count = max(k or self.budget // 4, shots + 1)
+        entries = _entries(rng, count, chunk=count + 4)
+        answer = len(self.encode(f" {entries[0][1]}")) + 1  # + EOS
+        if k is None:  # as many entries as fit the budget (the pieces' encoding may be longer: step back below)
+            fewest = 1
+            text = lambda k: _phonebook_text(entries, k, min(shots, k - 1), layout, depth)[0]  # noqa: E731
+            k = _fit("phonebook", self.tok, self.budget - answer, text, 1, len(entries))[1]
+        while True:
+            doc = self._paper_doc(entries, k, min(shots, k - 1), layout, depth)
+            if len(doc.ids) <= self.budget:
+                return doc
+            if k <= fewest:  # a drawn size that does not fit steps down towards min_entries
+                raise HybridctlError(f"phonebook: {k} entries in the {layout} layout take {len(doc.ids)} tokens, "
+                                     f"over {self.budget}; raise seq_len/context_len or lower n_entries")
+            k -= 1
+
+    def _paper_doc(self, entries: list[tuple[str, str]], k: int, shots: int, layout: str, depth: float) -> TokenDoc:
+        pieces, _, _, phone = _phonebook_pieces(entries, k, shots, layout, depth)
+        pieces.append((f" {phone}", True))
+        ids, targets = list(self.bos), [False] * len(self.bos)
+        for (_, is_target), piece_ids in zip(pieces, self.tok.encode_batch([t for t, _ in pieces], add_bos=False)):
+            ids += piece_ids
+            targets += [is_target] * len(piece_ids)
+        return TokenDoc(np.array(ids + [self.eos], np.int64), np.array(targets + [True], bool))
 
     def _candidates(self, rng: np.random.Generator) -> Iterator[tuple[str, list[int], list[int]]]:
         """(name, ids of "Name: ", ids of the number); each chunk is tokenised in one encode_batch call."""
@@ -254,10 +305,10 @@ def _example(tok: Tokenizer, prompt_text: str, answer_text: str, **meta: Any) ->
                        dict(meta))
 
 
-def _entries(rng: np.random.Generator, count: int) -> list[tuple[str, str]]:
-    """``count`` phonebook entries with distinct names."""
+def _entries(rng: np.random.Generator, count: int, chunk: int = 64) -> list[tuple[str, str]]:
+    """``count`` phonebook entries with distinct names (drawn ``chunk`` at a time)."""
     out: dict[str, str] = {}
-    for chunk in _phone_entries(rng):
+    for chunk in _phone_entries(rng, chunk):
         for name, phone in chunk:
             out.setdefault(name, phone)
             if len(out) == count:
@@ -270,24 +321,30 @@ def hash_order(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
-def _phonebook_text(entries: list[tuple[str, str]], k: int, shots: int, layout: str,
-                    depth: float) -> tuple[str, int, str, str]:
-    """(prompt text, index of the target in the book, name, phone) of a k-entry book drawn from ``entries``
-    (entries[0] is the target, entries[1:shots+1] the shots; the rest fill the book, in ``hash_order``)."""
+def _phonebook_pieces(entries: list[tuple[str, str]], k: int, shots: int, layout: str,
+                      depth: float) -> tuple[list[tuple[str, bool]], int, str, str]:
+    """(prompt as (text, is_target) pieces, index of the target in the book, name, phone) of a k-entry book drawn
+    from ``entries`` (entries[0] is the target, entries[1:shots+1] the shots; the rest fill the book, in
+    ``hash_order``). The targets are the shots' answers ``" ddd-ddd-dddd"`` and the newline closing each."""
     book = list(entries[shots + 1:shots + 1 + max(k - shots - 1, 0)] + entries[1:shots + 1])
     book.sort(key=lambda e: hash_order(e[0]))  # the shots' entries anywhere in the book, reproducibly
     where = round(depth * len(book))
     book.insert(where, entries[0])
     name, phone = entries[0]
     lines = "".join(f"{n}: {p}\n" for n, p in book)
-    shot_text = "".join(_QUESTION.format(name=n) + f" {p}\n\n" for n, p in entries[1:shots + 1])
-    query = _QUESTION.format(name=name)
-    if layout == "standard":
-        text = lines + "\n" + shot_text + query
-    else:
-        text = (_REVERSED_HEAD.format(name=name) + lines + _REVERSED_TAIL.format(name=name) + "\n" + shot_text
-                + query)
-    return text, where, name, phone
+    pieces = [(lines + "\n", False)] if layout == "standard" else [
+        (_REVERSED_HEAD.format(name=name) + lines + _REVERSED_TAIL.format(name=name) + "\n", False)]
+    for n, p in entries[1:shots + 1]:
+        pieces += [(_QUESTION.format(name=n), False), (f" {p}", True), ("\n", True), ("\n", False)]
+    pieces.append((_QUESTION.format(name=name), False))
+    return pieces, where, name, phone
+
+
+def _phonebook_text(entries: list[tuple[str, str]], k: int, shots: int, layout: str,
+                    depth: float) -> tuple[str, int, str, str]:
+    """``_phonebook_pieces`` joined into the prompt text."""
+    pieces, where, name, phone = _phonebook_pieces(entries, k, shots, layout, depth)
+    return "".join(t for t, _ in pieces), where, name, phone
 
 
 def phonebook_examples(tokenizer: Tokenizer, target_len: int, *, n: int = 1, depth: float | None = None,
