@@ -23,8 +23,9 @@ the tests.
 Contract of a linear replacement (what blocks.py / model.py / generate.py rely on):
 - a ``torch.nn.Module`` whose ``forward(x [..., in_features]) -> [..., out_features]`` in ``x``'s dtype computes
   ``x Wᵀ + b`` for any leading shape (prefill [B,T,K] and the decode step's [B,K]);
-- its type is not ``nn.Linear``: ``blocks._linear`` then calls it as a module (norm / activation applied before,
-  residual added after) instead of reading ``.weight`` for the fused GEMV, and generate's CPU fast path
+- its type is not ``nn.Linear``: ``blocks._linear`` first offers the step to its ``fused_linear`` hook (CUDA, a few
+  rows: norm / activation / residual fused into the dequantizing GEMV, as the bf16 path fuses them), else calls it
+  as a module (norm / activation applied before, residual added after) instead of reading ``.weight``, and generate's CPU fast path
   (``cpu_fast_twin``), which repacks only exact ``nn.Linear`` modules, leaves it alone; a quantized ``lm_head`` is
   called by ``HybridLM.logits`` / ``head`` instead of being read as a matrix;
 - ``in_features``, ``out_features`` attributes; no ``weight`` attribute (code that would read the dense matrix fails
@@ -171,6 +172,18 @@ def triton_forward(mod: "_QuantLinear", x: Tensor) -> Tensor:
     return tq.quant_mm(x, mod.qweight, scales, bits, getattr(mod, "group_size", 0))
 
 
+def fused_forward(mod: "_QuantLinear", x: Tensor, residual: Tensor | None, norm_weight: Tensor | None,
+                  eps: float, activation: str | None) -> Tensor:
+    """The decode step's ``act(norm(x)) · Wᵀ + b + residual`` in one Triton GEMV launch (x [M,K], M ≤
+    GPU_GEMV_MAX_ROWS; the norm / activation / residual fused as in the bf16 GEMV)."""
+    tq = _triton_ops()
+    bits = 8 if mod.method == "int8" else 4
+    scales = mod.scales if mod.scales.dtype == x.dtype else mod.scales.to(x.dtype)
+    return tq.qgemv(x, mod.qweight, scales, bits, getattr(mod, "group_size", 0),
+                    None if mod.bias is None else mod.bias.to(x.dtype), residual,
+                    None if norm_weight is None else norm_weight.to(x.dtype), float(eps), activation)
+
+
 # ---- modules ---------------------------------------------------------------------------------------------------------
 
 
@@ -198,6 +211,19 @@ class _QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def fused_linear(self, x: Tensor, *, residual: Tensor | None = None, norm=None,
+                     activation: str | None = None) -> Tensor | None:
+        """blocks._linear's hook: ``self(act(norm(x))) + residual`` as one fused GEMV for a CUDA decode step of at
+        most GPU_GEMV_MAX_ROWS rows (``norm``: an RMSNorm module, its ``weight`` and ``eps``); None elsewhere (the
+        caller then applies them around ``forward``)."""
+        if not (self.use_kernel and x.is_cuda and x.dtype in _FLOATS and x.dim() == 2
+                and x.shape[0] <= GPU_GEMV_MAX_ROWS and (norm is None or activation is None)
+                and (residual is None or residual.shape == (x.shape[0], self.out_features))) \
+                or _triton_ops() is None:
+            return None
+        return fused_forward(self, x, None if residual is None else residual.to(x.dtype),
+                             None if norm is None else norm.weight, 1e-5 if norm is None else norm.eps, activation)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
