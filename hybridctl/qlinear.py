@@ -11,7 +11,8 @@ These are also the safetensors layouts of a quantized native checkpoint (``<modu
 ``<module>.bias`` when the linear has one); the ``quantization`` section of its config.json says which modules were
 swapped (``apply_quantization``). The layout is portable: the CPU int4 kernel's blocked copy is made at run time.
 
-Kernels: on CPU, PyTorch's weight-only ops (``aten._weight_int8pack_mm``; ``aten._weight_int4pack_mm_for_cpu`` on
+Kernels: on CPU with fp32 activations, hybridctl's C matrix-vector kernels (cpu_qkernels.py: they read this layout
+directly; PyTorch's ops are vectorised for AVX-512 only), else PyTorch's weight-only ops (``aten._weight_int8pack_mm``; ``aten._weight_int4pack_mm_for_cpu`` on
 the ``aten._convert_weight_to_int4pack_for_cpu`` copy, which dequantizes ``(u - 8) · scale + zero`` with u in
 [0, 15]: our q + 8, zero 0); elsewhere, above KERNEL_MAX_ROWS rows, and where an op's shape rules fail (int4
 needs N % 16 == 0), the twin. On CUDA: hybridctl's Triton kernels (triton_kernels.py) — the dequantizing GEMV up to
@@ -42,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hybridctl import cpu_qkernels
 from hybridctl.config import HybridctlError
 
 Tensor = torch.Tensor
@@ -122,9 +124,17 @@ def int8_mm_ref(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     return F.linear(x, dequantize_int8(qweight, scales, x.dtype))
 
 
+def _c_kernels_for(x: Tensor, qweight: Tensor, scales: Tensor) -> bool:
+    """hybridctl's C kernels (cpu_qkernels.py) take fp32 CPU inputs with fp32 scales, where they built."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and scales.dtype == torch.float32 \
+        and cpu_qkernels.usable(x, qweight, scales)
+
+
 def int8_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return int8_mm_ref(x, qweight, scales)
+    if _c_kernels_for(x, qweight, scales):
+        return cpu_qkernels.int8_gemv(x, qweight, scales)
     return torch.ops.aten._weight_int8pack_mm(x.contiguous(), qweight, scales.to(x.dtype))
 
 
@@ -277,6 +287,8 @@ class Int4WeightOnlyLinear(_QuantLinear):
         return self._cpu_cache[1], self._cpu_cache[2]
 
     def _mm(self, x: Tensor) -> Tensor:
+        if _c_kernels_for(x, self.qweight, self.scales):
+            return cpu_qkernels.int4_gemv(x, self.qweight, self.scales, self.group_size)
         if not int4_cpu_ok(x, self.out_features):
             return self._mm_ref(x)
         packed, sz = self._operands(x.dtype)

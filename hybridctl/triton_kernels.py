@@ -385,13 +385,24 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, n_groups, stride_xm, stride
              mask=mmask[:, None] & nmask[None, :])
 
 
+# (bits, rows bucket) → (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the skinny GEMM, from the H200 sweep (benchmarks/
+# quantize_gpu.py); buckets: 16 (≤ 16 rows), 64, 256.
+QMM_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+
+
+def qmm_bucket(m: int) -> int:
+    return 16 if m <= 16 else 64 if m <= 64 else 256
+
+
 def qmm_launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, group_size: int, out: Tensor,
                config: tuple[int, int, int, int] | None = None) -> Tensor:
     """x [M,K] → out [M,N] through _qmm_kernel; config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps)."""
     n, k = qweight.shape[0], qweight.shape[1] * (2 if bits == 4 else 1)
     m = x.shape[0]
-    bm, bn, bk, warps = config or (max(16, min(64, triton.next_power_of_2(m))), 64,
-                                   min(group_size, 64) if bits == 4 else 64, 4)
+    bm, bn, bk, warps = config or QMM_CONFIGS.get((bits, qmm_bucket(m))) or (
+        max(16, min(64, triton.next_power_of_2(m))), 64, min(group_size, 64) if bits == 4 else 64, 4)
+    if config is None and bits == 4:
+        bk = math.gcd(bk, group_size)
     if bits == 4 and (group_size % bk or k % group_size):
         raise ValueError(f"int4 GEMM: BLOCK_K {bk} must divide the group size {group_size}, which divides K {k}")
     _qmm_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
