@@ -387,7 +387,8 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, n_groups, stride_xm, stride
 
 # (bits, rows bucket) → (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the skinny GEMM, from the H200 sweep (benchmarks/
 # quantize_gpu.py); buckets: 16 (≤ 16 rows), 64, 256.
-QMM_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+QMM_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {  # H200 sweep (as QGEMV_CONFIGS), group 128
+    (8, 16): (16, 32, 128, 4), (8, 64): (16, 32, 128, 4), (4, 16): (16, 32, 128, 4), (4, 64): (16, 32, 128, 4)}
 
 
 def qmm_bucket(m: int) -> int:
@@ -424,7 +425,13 @@ def _(x, qweight, scales, bits, group_size):
 
 # (bits, N, K, fused) → (BLOCK_N, BLOCK_K, num_warps); fused: "norm", "act", "res" or "" (what the product carries).
 # Filled from the H200 sweep of benchmarks/quantize_gpu.py (``qgemv_sweep``); shapes not listed use the heuristic.
-QGEMV_CONFIGS: dict[tuple[int, int, int, str], tuple[int, int, int]] = {}
+# H200, 2026-12-03, benchmarks/results/quantize_gpu_h200_fused.json (best of 6 candidates each).
+QGEMV_CONFIGS: dict[tuple[int, int, int, str], tuple[int, int, int]] = {
+    (8, 10304, 2048, "norm"): (16, 256, 4), (8, 8192, 2048, "norm"): (16, 256, 4),
+    (8, 2048, 4096, "res"): (4, 1024, 4), (8, 2048, 8192, "act"): (8, 1024, 8),
+    (4, 10304, 2048, "norm"): (8, 512, 4), (4, 8192, 2048, "norm"): (32, 256, 8),
+    (4, 2048, 4096, "res"): (8, 1024, 8), (4, 2048, 8192, "act"): (8, 512, 4),
+}
 
 
 def qgemv_config(bits: int, n: int, k: int, group: int, fused: str = "") -> tuple[int, int, int]:
