@@ -7,7 +7,7 @@ PKG = Path(__file__).resolve().parents[1] / "hybridctl"
 WORKFLOWS = {"build", "train", "extend_context", "convert", "quantize", "generate"}
 RANK = {
     "__init__": 0, "config": 0, "recipe": 0,
-    "ref": 1, "kernels": 1, "triton_kernels": 1,
+    "ref": 1, "kernels": 1, "triton_kernels": 1, "cpu_qkernels": 1,
     "blocks": 2, "model": 2, "sampling": 2,
     "checkpoint": 3, "qlinear": 3, "cpu_decode": 3, "decode": 3, "parallel": 3, "data": 3, "corpora": 3, "tokenizer": 3, "tasks": 3,
     "evaluation": 3,
