@@ -117,6 +117,146 @@ def _time_us(fn, dev: str, n: int = 50) -> float:
     return a.elapsed_time(b) * 1000 / n
 
 
+# ---- 1b. GEMV sweep ---------------------------------------------------------------------------------------------
+
+INT8_CONFIGS = [(4, 1024, 4), (2, 2048, 4), (8, 512, 4), (4, 512, 2), (8, 1024, 8), (16, 256, 4)]
+NORM_CONFIGS = [(8, 256, 2), (4, 512, 4), (8, 512, 4), (16, 256, 4), (4, 256, 2), (2, 1024, 4)]
+INT4_CONFIGS = [(8, 512, 4), (4, 1024, 4), (16, 256, 4), (32, 256, 8), (8, 1024, 8), (16, 512, 4)]
+QMM_CONFIGS = [(16, 32, 128, 4), (16, 64, 128, 4), (16, 128, 64, 4), (64, 64, 128, 4), (64, 128, 64, 8),
+               (32, 64, 128, 4)]
+
+
+def _graph_us(fn, reps: int = 20, replays: int = 10) -> float:
+    """µs a call of ``fn`` replayed ``reps`` times inside one CUDA graph (no Python dispatch in the figure); on the
+    CPU (the interpreter rehearsal) one timed call."""
+    if not torch.cuda.is_available():
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e6
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(3):
+        a.record()
+        for _ in range(replays):
+            g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        best = min(best, a.elapsed_time(b) * 1000 / (replays * reps))
+    return best
+
+
+def gemv_sweep(cfg, dev: str, deadline: float, n_configs: int = 99) -> dict:
+    """Each 1.3b decode product with the work the step fuses into it (in_proj / up: the norm; out_proj: the
+    residual; down: gelu + residual): the bf16 GEMV (hybridctl's tuned one) and the int8 / int4 GEMV under each
+    candidate config, GB/s of weight bytes; the best config per (bits, shape, fused) goes into QGEMV_CONFIGS for
+    the speed rows. Then the skinny GEMM (8 and 64 rows) against cuBLAS bf16."""
+    from hybridctl import triton_kernels as tq
+
+    d = cfg.d_model
+    e = cfg.mamba.expand * d
+    inp = 2 * e + 2 * cfg.mamba.ngroups * cfg.mamba.d_state + e // cfg.mamba.headdim
+    h = cfg.mlp.hidden_size
+    shapes = [(inp, d, "norm"), (d, e, "res"), (h, d, "norm"), (d, h, "act")]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rows, picks = [], {}
+    bf = torch.bfloat16
+    for n, k, fused in shapes:
+        w = (torch.randn(n, k, generator=g) / k**0.5).to(dev, bf)
+        x = torch.randn(1, k, generator=g).to(dev, bf)
+        res = torch.randn(1, n, generator=g).to(dev, bf)
+        nw = torch.rand(k, generator=g).to(dev, bf) + 0.5
+        kw = dict(norm_weight=nw if fused == "norm" else None, activation="gelu" if fused == "act" else None,
+                  residual=res if fused != "norm" else None)
+        out = torch.empty(1, n, device=dev, dtype=bf)
+        us = _graph_us(lambda: tq.gemv_launch(x, w, None, kw["residual"], kw["norm_weight"], 1e-5, out,
+                                              activation=kw["activation"]))
+        rows.append({"n": n, "k": k, "fused": fused, "kernel": "bf16", "config": None, "us": us,
+                     "GBps": n * k * 2 / us / 1e3})
+        log(json.dumps(rows[-1]))
+        for bits in (8, 4):
+            qw, sc = Q.quantize_int8(w.float()) if bits == 8 else Q.quantize_int4(w.float(), 128)
+            qw, sc = qw.to(dev), sc.to(dev, bf)
+            nbytes = qw.numel() + sc.numel() * 2
+            dense = (Q.dequantize_int8(qw, sc.double(), torch.float64) if bits == 8
+                     else Q.dequantize_int4(qw, sc.double(), 128, torch.float64))
+            xd = x.double()
+            if fused == "norm":
+                xd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+            elif fused == "act":
+                xd = torch.nn.functional.gelu(xd)
+            want = xd @ dense.T + (res.double() if fused != "norm" else 0.0)
+            cands = INT8_CONFIGS if bits == 8 and fused != "norm" else NORM_CONFIGS if bits == 8 else INT4_CONFIGS
+            best = None
+            for c in cands[:n_configs]:
+                if time.time() > deadline:
+                    RES["errors"]["sweep"] = "cut: out of time"
+                    break
+                try:
+                    y = tq.qgemv_launch(x, qw, sc, bits, 128, out, config=c, **kw)
+                    err = ((y.double() - want).abs().max() / want.abs().max()).item()
+                    us = _graph_us(lambda: tq.qgemv_launch(x, qw, sc, bits, 128, out, config=c, **kw))
+                except Exception as ex:  # noqa: BLE001 - a config that does not compile is recorded
+                    rows.append({"n": n, "k": k, "fused": fused, "kernel": f"int{bits}", "config": c,
+                                 "error": f"{type(ex).__name__}: {str(ex)[:200]}"})
+                    continue
+                rows.append({"n": n, "k": k, "fused": fused, "kernel": f"int{bits}", "config": c, "us": us,
+                             "GBps": nbytes / us / 1e3, "rel_err": err})
+                log(json.dumps(rows[-1]))
+                if err < 2e-2 and (best is None or us < best[1]):
+                    best = (c, us)
+            if best is not None:
+                picks[f"{bits},{n},{k},{fused}"] = list(best[0])
+                tq.QGEMV_CONFIGS[(bits, n, k, fused)] = best[0]
+    qmm_rows = []
+    for m in (8, 64):
+        for n, k, _ in shapes:
+            if time.time() > deadline:
+                break
+            w = (torch.randn(n, k, generator=g) / k**0.5).to(dev, bf)
+            x = torch.randn(m, k, generator=g).to(dev, bf)
+            us = _graph_us(lambda: torch.nn.functional.linear(x, w))
+            qmm_rows.append({"m": m, "n": n, "k": k, "kernel": "cublas-bf16", "us": us})
+            for bits in (8, 4):
+                qw, sc = Q.quantize_int8(w.float()) if bits == 8 else Q.quantize_int4(w.float(), 128)
+                qw, sc = qw.to(dev), sc.to(dev, bf)
+                out = torch.empty(m, n, device=dev, dtype=bf)
+                for c in ([None] + QMM_CONFIGS)[:n_configs]:
+                    try:
+                        us = _graph_us(lambda: tq.qmm_launch(x, qw, sc, bits, 128, out, config=c))
+                    except Exception as ex:  # noqa: BLE001
+                        qmm_rows.append({"m": m, "n": n, "k": k, "kernel": f"int{bits}", "config": c,
+                                         "error": f"{type(ex).__name__}: {str(ex)[:200]}"})
+                        continue
+                    qmm_rows.append({"m": m, "n": n, "k": k, "kernel": f"int{bits}", "config": c, "us": us})
+            log(json.dumps([r for r in qmm_rows if r["m"] == m and r["n"] == n and r["k"] == k]))
+    for bits in (8, 4):
+        for m in (8, 64):
+            tot: dict = {}
+            for r in qmm_rows:
+                if r["m"] == m and r["kernel"] == f"int{bits}" and "us" in r:
+                    c = tuple(r["config"]) if r["config"] else None
+                    tot.setdefault(c, []).append(r["us"])
+            full = {c: sum(v) for c, v in tot.items() if len(v) == len(shapes)}
+            if full:
+                c = min(full, key=full.get)
+                if c is not None:
+                    tq.QMM_CONFIGS[(bits, tq.qmm_bucket(m))] = c
+                picks[f"qmm,{bits},{m}"] = list(c) if c else None
+    return {"gemv": rows, "picks": picks, "qmm": qmm_rows}
+
+
 # ---- 2. speed ---------------------------------------------------------------------------------------------------------
 
 
@@ -269,6 +409,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--speed-seconds", type=float, default=130)
     ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--sweep-seconds", type=float, default=60)
+    ap.add_argument("--variants", default="bf16,int8,int4,torchao-int8,torchao-int4")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -283,8 +425,11 @@ def main() -> None:
     big = preset("tiny" if a.smoke else "hybrid-1.3b")
     if "kernels" in sections and dev == "cuda":
         RES["kernels"] = guarded("kernels", lambda: kernels_check(big, dev), a.out)
+    if "sweep" in sections and (dev == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        RES["sweep"] = guarded("sweep", lambda: gemv_sweep(big, dev, time.time() + a.sweep_seconds,
+                                                           2 if a.smoke else 99), a.out)
     if "speed" in sections:
-        variants = ["bf16", "int8", "int4", "torchao-int8", "torchao-int4", "bf16-cublas"]
+        variants = a.variants.split(",")
         guarded("speed", lambda: speed(big, dev, [1, 8, 64] if not a.smoke else [1, 8], 1024 if not a.smoke else 32,
                                        128 if not a.smoke else 8, variants, time.time() + a.speed_seconds), a.out)
     if "quality" in sections:

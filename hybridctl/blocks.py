@@ -28,11 +28,16 @@ def _linear(proj: nn.Module, x: Tensor, *, residual: Tensor | None = None, norm:
             activation: str | None = None) -> Tensor:
     """``proj(activation(norm(x))) + residual`` for a decode step. A plain nn.Linear goes through ``kernels.linear``
     (at one row on CUDA: one GEMV kernel with the norm or activation and the residual fused); any other module (the
-    CPU path's prepacked linears, quantized linears) is called as it is."""
+    CPU path's prepacked linears, quantized linears) is called as it is, unless its ``fused_linear`` hook does the
+    whole step (a quantized linear's fused GEMV on CUDA)."""
     if type(proj) is nn.Linear:
         return kernels.linear(x, proj.weight, proj.bias, residual=residual,
                               norm_weight=None if norm is None else norm.weight,
                               norm_eps=1e-5 if norm is None else norm.eps, activation=activation)
+    fused = getattr(proj, "fused_linear", None)  # a quantized linear's one-kernel decode step (qlinear.py)
+    y = None if fused is None else fused(x, residual=residual, norm=norm, activation=activation)
+    if y is not None:
+        return y
     y = proj(kernels.mlp_activation(x if norm is None else norm(x), activation))
     return y if residual is None else residual + y
 

@@ -11,7 +11,8 @@ These are also the safetensors layouts of a quantized native checkpoint (``<modu
 ``<module>.bias`` when the linear has one); the ``quantization`` section of its config.json says which modules were
 swapped (``apply_quantization``). The layout is portable: the CPU int4 kernel's blocked copy is made at run time.
 
-Kernels: on CPU, PyTorch's weight-only ops (``aten._weight_int8pack_mm``; ``aten._weight_int4pack_mm_for_cpu`` on
+Kernels: on CPU with fp32 activations, hybridctl's C matrix-vector kernels (cpu_qkernels.py: they read this layout
+directly; PyTorch's ops are vectorised for AVX-512 only), else PyTorch's weight-only ops (``aten._weight_int8pack_mm``; ``aten._weight_int4pack_mm_for_cpu`` on
 the ``aten._convert_weight_to_int4pack_for_cpu`` copy, which dequantizes ``(u - 8) · scale + zero`` with u in
 [0, 15]: our q + 8, zero 0); elsewhere, above KERNEL_MAX_ROWS rows, and where an op's shape rules fail (int4
 needs N % 16 == 0), the twin. On CUDA: hybridctl's Triton kernels (triton_kernels.py) — the dequantizing GEMV up to
@@ -23,8 +24,9 @@ the tests.
 Contract of a linear replacement (what blocks.py / model.py / generate.py rely on):
 - a ``torch.nn.Module`` whose ``forward(x [..., in_features]) -> [..., out_features]`` in ``x``'s dtype computes
   ``x Wᵀ + b`` for any leading shape (prefill [B,T,K] and the decode step's [B,K]);
-- its type is not ``nn.Linear``: ``blocks._linear`` then calls it as a module (norm / activation applied before,
-  residual added after) instead of reading ``.weight`` for the fused GEMV, and generate's CPU fast path
+- its type is not ``nn.Linear``: ``blocks._linear`` first offers the step to its ``fused_linear`` hook (CUDA, a few
+  rows: norm / activation / residual fused into the dequantizing GEMV, as the bf16 path fuses them), else calls it
+  as a module (norm / activation applied before, residual added after) instead of reading ``.weight``, and generate's CPU fast path
   (``cpu_fast_twin``), which repacks only exact ``nn.Linear`` modules, leaves it alone; a quantized ``lm_head`` is
   called by ``HybridLM.logits`` / ``head`` instead of being read as a matrix;
 - ``in_features``, ``out_features`` attributes; no ``weight`` attribute (code that would read the dense matrix fails
@@ -41,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hybridctl import cpu_qkernels
 from hybridctl.config import HybridctlError
 
 Tensor = torch.Tensor
@@ -121,9 +124,17 @@ def int8_mm_ref(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     return F.linear(x, dequantize_int8(qweight, scales, x.dtype))
 
 
+def _c_kernels_for(x: Tensor, qweight: Tensor, scales: Tensor) -> bool:
+    """hybridctl's C kernels (cpu_qkernels.py) take fp32 CPU inputs with fp32 scales, where they built."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and scales.dtype == torch.float32 \
+        and cpu_qkernels.usable(x, qweight, scales)
+
+
 def int8_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return int8_mm_ref(x, qweight, scales)
+    if _c_kernels_for(x, qweight, scales):
+        return cpu_qkernels.int8_gemv(x, qweight, scales)
     return torch.ops.aten._weight_int8pack_mm(x.contiguous(), qweight, scales.to(x.dtype))
 
 
@@ -171,6 +182,18 @@ def triton_forward(mod: "_QuantLinear", x: Tensor) -> Tensor:
     return tq.quant_mm(x, mod.qweight, scales, bits, getattr(mod, "group_size", 0))
 
 
+def fused_forward(mod: "_QuantLinear", x: Tensor, residual: Tensor | None, norm_weight: Tensor | None,
+                  eps: float, activation: str | None) -> Tensor:
+    """The decode step's ``act(norm(x)) · Wᵀ + b + residual`` in one Triton GEMV launch (x [M,K], M ≤
+    GPU_GEMV_MAX_ROWS; the norm / activation / residual fused as in the bf16 GEMV)."""
+    tq = _triton_ops()
+    bits = 8 if mod.method == "int8" else 4
+    scales = mod.scales if mod.scales.dtype == x.dtype else mod.scales.to(x.dtype)
+    return tq.qgemv(x, mod.qweight, scales, bits, getattr(mod, "group_size", 0),
+                    None if mod.bias is None else mod.bias.to(x.dtype), residual,
+                    None if norm_weight is None else norm_weight.to(x.dtype), float(eps), activation)
+
+
 # ---- modules ---------------------------------------------------------------------------------------------------------
 
 
@@ -198,6 +221,19 @@ class _QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def fused_linear(self, x: Tensor, *, residual: Tensor | None = None, norm=None,
+                     activation: str | None = None) -> Tensor | None:
+        """blocks._linear's hook: ``self(act(norm(x))) + residual`` as one fused GEMV for a CUDA decode step of at
+        most GPU_GEMV_MAX_ROWS rows (``norm``: an RMSNorm module, its ``weight`` and ``eps``); None elsewhere (the
+        caller then applies them around ``forward``)."""
+        if not (self.use_kernel and x.is_cuda and x.dtype in _FLOATS and x.dim() == 2
+                and x.shape[0] <= GPU_GEMV_MAX_ROWS and (norm is None or activation is None)
+                and (residual is None or residual.shape == (x.shape[0], self.out_features))) \
+                or _triton_ops() is None:
+            return None
+        return fused_forward(self, x, None if residual is None else residual.to(x.dtype),
+                             None if norm is None else norm.weight, 1e-5 if norm is None else norm.eps, activation)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -251,6 +287,8 @@ class Int4WeightOnlyLinear(_QuantLinear):
         return self._cpu_cache[1], self._cpu_cache[2]
 
     def _mm(self, x: Tensor) -> Tensor:
+        if _c_kernels_for(x, self.qweight, self.scales):
+            return cpu_qkernels.int4_gemv(x, self.qweight, self.scales, self.group_size)
         if not int4_cpu_ok(x, self.out_features):
             return self._mm_ref(x)
         packed, sz = self._operands(x.dtype)

@@ -252,54 +252,97 @@ def _(q, k, v, key_mask):
 
 
 
-@triton.jit
-def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_ym,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    pid = tl.program_id(0)
-    m = tl.program_id(1)
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    nmask = rn < N
-    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
-    x_row = x_ptr + m * stride_xm
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            xk = tl.load(x_row + k0 + rk).to(tl.float32)
-            w = tl.load(w_ptrs, mask=nmask[:, None], other=0, eviction_policy="evict_first")
-        else:
-            kmask = k0 + rk < K
-            xk = tl.load(x_row + k0 + rk, mask=kmask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0, eviction_policy="evict_first")
-        acc += w.to(tl.float32) * xk[None, :]
-        w_ptrs += BLOCK_K
-    y = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
+_F32_MAGIC = 8388608.0  # 2^23: float bits 0x4B000000 | u (u < 2^23) are exactly 2^23 + u (no int-to-float unit)
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, n_groups, stride_xm, stride_ym,
-                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _qgemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, res_ptr, nw_ptr, y_ptr, N, K, n_groups, stride_xm, stride_rm,
+                  stride_ym, eps, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """One program: BLOCK_N outputs of row m = program_id(1). int8: acc += q·x over BLOCK_K columns a step, the
+    channel scale once at the end. int4: each step is BLOCK_K / SUB_K sub-blocks of SUB_K columns inside one
+    group (SUB_K divides GROUP), each byte's two nibbles against x's even / odd columns, scaled by the group's
+    scale in registers. Integers become floats by bit pattern (_F32_MAGIC: or-ing u ∈ [0, 2^23) into 0x4B000000 gives
+    the float 2^23 + u exactly; two ALU ops instead of the slower int-to-float unit). The norm / activation / bias / residual
+    are those of the bf16 GEMV (_gemv_kernel)."""
     pid = tl.program_id(0)
     m = tl.program_id(1)
-    HALF: tl.constexpr = BLOCK_K // 2
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rj = tl.arange(0, HALF)
     nmask = rn < N
-    y = tl.zeros((BLOCK_N,), tl.float32)
-    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * (K // 2) + rj[None, :]
-    s_ptrs = s_ptr + rn.to(tl.int64) * n_groups
     x_row = x_ptr + m * stride_xm
-    for k0 in range(0, K, BLOCK_K):  # K is a multiple of GROUP, a multiple of BLOCK_K
-        xe = tl.load(x_row + k0 + 2 * rj).to(tl.float32)
-        xo = tl.load(x_row + k0 + 2 * rj + 1).to(tl.float32)
-        p = tl.load(w_ptrs, mask=nmask[:, None], other=0, eviction_policy="evict_first").to(tl.int32)
-        lo = ((p & 15) - 8).to(tl.float32)
-        hi = ((p >> 4) - 8).to(tl.float32)
-        part = tl.sum(lo * xe[None, :] + hi * xo[None, :], axis=1)
-        s = tl.load(s_ptrs + k0 // GROUP, mask=nmask, other=0.0).to(tl.float32)
-        y += part * s
-        w_ptrs += HALF
+    if BITS == 8:
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        ss = tl.zeros((BLOCK_K,), tl.float32)
+        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                xk = tl.load(x_row + k0 + rk).to(tl.float32)
+            else:
+                xk = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+            if ACT == 1:  # as F.gelu's output: rounded to the activation dtype
+                xk = (0.5 * xk * (1.0 + tl.math.erf(xk * 0.7071067811865476))).to(x_ptr.dtype.element_ty)
+                xk = xk.to(tl.float32)
+            elif ACT == 2:
+                xk = tl.maximum(xk, 0.0)
+                xk = (xk * xk).to(x_ptr.dtype.element_ty).to(tl.float32)
+            if HAS_NORM:
+                ss += xk * xk
+                if EVEN_K:
+                    xk = xk * tl.load(nw_ptr + k0 + rk).to(tl.float32)
+                else:
+                    xk = xk * tl.load(nw_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+            if EVEN_N and EVEN_K:
+                q = tl.load(w_ptrs, eviction_policy="evict_first")
+            else:
+                q = tl.load(w_ptrs, mask=nmask[:, None] & (k0 + rk < K)[None, :], other=0,
+                            eviction_policy="evict_first")
+            acc += (((q.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0) * xk[None, :]
+            w_ptrs += BLOCK_K
+        y = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+    else:
+        HALF: tl.constexpr = SUB_K // 2
+        rj = tl.arange(0, HALF)
+        acc = tl.zeros((BLOCK_N, HALF), tl.float32)
+        ss = tl.zeros((HALF,), tl.float32)
+        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * (K // 2) + rj[None, :]
+        s_ptrs = s_ptr + rn.to(tl.int64) * n_groups
+        for k0 in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K (the launcher's rule)
+            for u in tl.static_range(BLOCK_K // SUB_K):
+                kk = k0 + u * SUB_K
+                xe = tl.load(x_row + kk + 2 * rj).to(tl.float32)
+                xo = tl.load(x_row + kk + 2 * rj + 1).to(tl.float32)
+                if ACT == 1:
+                    xe = (0.5 * xe * (1.0 + tl.math.erf(xe * 0.7071067811865476))).to(x_ptr.dtype.element_ty)
+                    xo = (0.5 * xo * (1.0 + tl.math.erf(xo * 0.7071067811865476))).to(x_ptr.dtype.element_ty)
+                    xe, xo = xe.to(tl.float32), xo.to(tl.float32)
+                elif ACT == 2:
+                    xe, xo = tl.maximum(xe, 0.0), tl.maximum(xo, 0.0)
+                    xe = (xe * xe).to(x_ptr.dtype.element_ty).to(tl.float32)
+                    xo = (xo * xo).to(x_ptr.dtype.element_ty).to(tl.float32)
+                if HAS_NORM:
+                    ss += xe * xe + xo * xo
+                    xe = xe * tl.load(nw_ptr + kk + 2 * rj).to(tl.float32)
+                    xo = xo * tl.load(nw_ptr + kk + 2 * rj + 1).to(tl.float32)
+                if EVEN_N:
+                    p = tl.load(w_ptrs + kk // 2, eviction_policy="evict_first")
+                    s = tl.load(s_ptrs + kk // GROUP).to(tl.float32)
+                else:
+                    p = tl.load(w_ptrs + kk // 2, mask=nmask[:, None], other=0, eviction_policy="evict_first")
+                    s = tl.load(s_ptrs + kk // GROUP, mask=nmask, other=0.0).to(tl.float32)
+                p = p.to(tl.int32)
+                lo = ((p & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+                hi = ((p >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+                acc += (lo * xe[None, :] + hi * xo[None, :]) * s[:, None]
+        y = tl.sum(acc, axis=1)
+    if HAS_NORM:
+        y = y / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+    if HAS_RES:  # as the twin: the product rounded to the activation dtype, then the residual added
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) \
+            + tl.load(res_ptr + m * stride_rm + rn, mask=nmask, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
@@ -342,13 +385,25 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, n_groups, stride_xm, stride
              mask=mmask[:, None] & nmask[None, :])
 
 
+# (bits, rows bucket) → (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the skinny GEMM, from the H200 sweep (benchmarks/
+# quantize_gpu.py); buckets: 16 (≤ 16 rows), 64, 256.
+QMM_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {  # H200 sweep (as QGEMV_CONFIGS), group 128
+    (8, 16): (16, 32, 128, 4), (8, 64): (16, 32, 128, 4), (4, 16): (16, 32, 128, 4), (4, 64): (16, 32, 128, 4)}
+
+
+def qmm_bucket(m: int) -> int:
+    return 16 if m <= 16 else 64 if m <= 64 else 256
+
+
 def qmm_launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, group_size: int, out: Tensor,
                config: tuple[int, int, int, int] | None = None) -> Tensor:
     """x [M,K] → out [M,N] through _qmm_kernel; config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps)."""
     n, k = qweight.shape[0], qweight.shape[1] * (2 if bits == 4 else 1)
     m = x.shape[0]
-    bm, bn, bk, warps = config or (max(16, min(64, triton.next_power_of_2(m))), 64,
-                                   min(group_size, 64) if bits == 4 else 64, 4)
+    bm, bn, bk, warps = config or QMM_CONFIGS.get((bits, qmm_bucket(m))) or (
+        max(16, min(64, triton.next_power_of_2(m))), 64, min(group_size, 64) if bits == 4 else 64, 4)
+    if config is None and bits == 4:
+        bk = math.gcd(bk, group_size)
     if bits == 4 and (group_size % bk or k % group_size):
         raise ValueError(f"int4 GEMM: BLOCK_K {bk} must divide the group size {group_size}, which divides K {k}")
     _qmm_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
@@ -368,38 +423,105 @@ def _(x, qweight, scales, bits, group_size):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
+# (bits, N, K, fused) → (BLOCK_N, BLOCK_K, num_warps); fused: "norm", "act", "res" or "" (what the product carries).
+# Filled from the H200 sweep of benchmarks/quantize_gpu.py (``qgemv_sweep``); shapes not listed use the heuristic.
+# H200, 2026-12-03, benchmarks/results/quantize_gpu_h200_fused.json (best of 6 candidates each).
+QGEMV_CONFIGS: dict[tuple[int, int, int, str], tuple[int, int, int]] = {
+    (8, 10304, 2048, "norm"): (16, 256, 4), (8, 8192, 2048, "norm"): (16, 256, 4),
+    (8, 2048, 4096, "res"): (4, 1024, 4), (8, 2048, 8192, "act"): (8, 1024, 8),
+    (4, 10304, 2048, "norm"): (8, 512, 4), (4, 8192, 2048, "norm"): (32, 256, 8),
+    (4, 2048, 4096, "res"): (8, 1024, 8), (4, 2048, 8192, "act"): (8, 512, 4),
+}
+
+
+def qgemv_config(bits: int, n: int, k: int, group: int, fused: str = "") -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) of the quantized GEMV: the sweep's pick for this shape, else 4 rows × 1024
+    int8 columns (4 warps) / 8 rows × 512 int4 columns (4 warps), the K block cut to what K allows."""
+    cfg = QGEMV_CONFIGS.get((bits, n, k, fused))
+    if cfg is None:
+        cfg = (4, 1024, 4) if bits == 8 else (8, 512, 4)
+    return cfg[0], _fit_block_k(bits, k, group, cfg[1]), cfg[2]
+
+
+def _fit_block_k(bits: int, k: int, group: int, block_k: int) -> int:
+    """int8: a power of two ≤ next_pow2(K) (the tail masked); int4: a divisor of K that is a multiple of the group
+    or a power of two dividing it."""
+    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+    if bits == 8:
+        return block_k
+    while block_k > group and k % block_k:
+        block_k //= 2
+    if block_k <= group:
+        block_k = math.gcd(block_k, group)
+    return block_k
+
+
 def int8_config(n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps): 4 rows × up to 1024 int8 columns a step (the bf16 GEMV's 2048-wide row block
-    of triton_kernels is the same bytes at half the width)."""
-    return 4, min(1024, max(16, triton.next_power_of_2(k))), 4
+    return qgemv_config(8, n, k, 0)
 
 
 def int4_config(n: int, k: int, group: int) -> tuple[int, int, int]:
-    return 8, min(group, 128), 4
+    return qgemv_config(4, n, k, group)
+
+
+def qgemv_launch(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, group_size: int, out: Tensor, *,
+                 bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                 norm_weight: Optional[Tensor] = None, eps: float = 1e-5, activation: Optional[str] = None,
+                 config: tuple[int, int, int] | None = None) -> Tensor:
+    """out [M,N] = (rmsnorm(x) or act(x) or x) · dequant(W)ᵀ (+ bias) (+ residual) for small M. x [M,K] with unit
+    stride along K, qweight int8 [N,K] / uint8 [N,K/2] contiguous, scales [N] / [N,K/g] contiguous, residual
+    [M,N] with unit stride along N."""
+    n = qweight.shape[0]
+    k = qweight.shape[1] * (2 if bits == 4 else 1)
+    if norm_weight is not None and activation is not None:
+        raise ValueError("qgemv applies a norm or an activation to x, not both")
+    fused = "norm" if norm_weight is not None else "act" if activation is not None else "res" if residual is not None \
+        else ""
+    block_n, block_k, warps = config or qgemv_config(bits, n, k, group_size, fused)
+    if bits == 4:
+        if k % group_size or (block_k <= group_size and group_size % block_k) \
+                or (block_k > group_size and (block_k % group_size or k % block_k)):
+            raise ValueError(f"int4 GEMV: BLOCK_K {block_k} must divide the group size {group_size} or be a "
+                             f"multiple of it dividing K {k}")
+    dummy = out
+    _qgemv_kernel[(triton.cdiv(n, block_n), x.shape[0])](
+        x, qweight, scales, dummy if bias is None else bias, dummy if residual is None else residual,
+        dummy if norm_weight is None else norm_weight, out, n, k, max(1, k // max(group_size, 1)), x.stride(0),
+        0 if residual is None else residual.stride(0), out.stride(0), eps,
+        BITS=bits, GROUP=max(group_size, 1), HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        HAS_NORM=norm_weight is not None, ACT=ACTIVATIONS[activation], BLOCK_N=block_n, BLOCK_K=block_k,
+        SUB_K=min(block_k, max(group_size, 1)), EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, num_warps=warps)
+    return out
 
 
 def int8_gemv_launch(x: Tensor, qweight: Tensor, scales: Tensor, out: Tensor,
                      config: tuple[int, int, int] | None = None) -> Tensor:
     """x [M,K] (unit stride along K), qweight int8 [N,K] contiguous, scales [N] → out [M,N]."""
-    n, k = qweight.shape
-    block_n, block_k, warps = config or int8_config(n, k)
-    _int8_gemv_kernel[(triton.cdiv(n, block_n), x.shape[0])](
-        x, qweight, scales, out, n, k, x.stride(0), out.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=warps)
-    return out
+    return qgemv_launch(x, qweight, scales, 8, 0, out, config=config)
 
 
 def int4_gemv_launch(x: Tensor, qweight: Tensor, scales: Tensor, group_size: int, out: Tensor,
                      config: tuple[int, int, int] | None = None) -> Tensor:
     """x [M,K], qweight uint8 [N,K/2] contiguous, scales [N,K/g] contiguous → out [M,N]."""
-    n, k = qweight.shape[0], qweight.shape[1] * 2
-    block_n, block_k, warps = config or int4_config(n, k, group_size)
-    if group_size % block_k or k % group_size:
-        raise ValueError(f"int4 GEMV: BLOCK_K {block_k} must divide the group size {group_size}, which divides K {k}")
-    _int4_gemv_kernel[(triton.cdiv(n, block_n), x.shape[0])](
-        x, qweight, scales, out, n, k, k // group_size, x.stride(0), out.stride(0),
-        GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
-    return out
+    return qgemv_launch(x, qweight, scales, 4, group_size, out, config=config)
+
+
+@torch.library.custom_op("hybridctl::qgemv", mutates_args=())
+def qgemv(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, group_size: int, bias: Optional[Tensor],
+          residual: Optional[Tensor], norm_weight: Optional[Tensor], eps: float,
+          activation: Optional[str] = None) -> Tensor:
+    """x [M,K] (M small) → [M,N]: act(x) or rmsnorm(x, norm_weight, eps) or x, · dequant(W)ᵀ + bias + residual."""
+    out = torch.empty(x.shape[0], qweight.shape[0], device=x.device, dtype=x.dtype)
+    return qgemv_launch(x.contiguous(), qweight.contiguous(), scales.contiguous(), bits, group_size, out,
+                        bias=None if bias is None else bias.contiguous(),
+                        residual=None if residual is None else residual.contiguous(),
+                        norm_weight=None if norm_weight is None else norm_weight.contiguous(), eps=eps,
+                        activation=activation)
+
+
+@qgemv.register_fake
+def _(x, qweight, scales, bits, group_size, bias, residual, norm_weight, eps, activation=None):
+    return x.new_empty(x.shape[0], qweight.shape[0])
 
 
 @torch.library.custom_op("hybridctl::int8_gemv", mutates_args=())

@@ -7,7 +7,7 @@ PKG = Path(__file__).resolve().parents[1] / "hybridctl"
 WORKFLOWS = {"build", "train", "extend_context", "convert", "quantize", "generate", "bench"}  # one per verb
 RANK = {
     "__init__": 0, "config": 0, "recipe": 0,
-    "ref": 1, "kernels": 1, "triton_kernels": 1,
+    "ref": 1, "kernels": 1, "triton_kernels": 1, "cpu_qkernels": 1,
     "blocks": 2, "model": 2, "sampling": 2,
     # the library below the workflows: checkpoints, the decode runtime and the inference module swaps, data, tasks,
     # evaluation and what bench / extend-context measure with

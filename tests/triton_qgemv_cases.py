@@ -68,7 +68,7 @@ def test_skinny_gemm(method, group, m, n, k):
     _check(y, want, dtype, k)
 
 
-def test_custom_ops_and_the_module_route():
+def test_custom_ops_and_the_module_route(monkeypatch):
     """The registered ops give the launchers' results; a quantized linear on a (pretend) CUDA input routes rows to
     the GEMV / skinny GEMM and matches its twin."""
     x, qw, s, want = _case(1, 64, 256, "int4", 64, torch.float32)
@@ -76,6 +76,7 @@ def test_custom_ops_and_the_module_route():
     x8, qw8, s8, want8 = _case(1, 64, 256, "int8", 0, torch.float32)
     _check(tq.int8_gemv(x8, qw8, s8), want8, torch.float32, 256)
     _check(tq.quant_mm(x8.expand(20, -1), qw8, s8, 8, 0), want8.expand(20, -1), torch.float32, 256)
+    monkeypatch.setattr(Q, "_triton_ops", lambda: tq)  # None without CUDA: the interpreted kernels stand in
     for method in ("int8", "int4"):
         lin = torch.nn.Linear(256, 64, bias=True)
         q = Q.from_linear(lin, method, 64)
@@ -84,3 +85,46 @@ def test_custom_ops_and_the_module_route():
             ref = q._mm_ref(xx) + q.bias
             got = Q.triton_forward(q, xx) + q.bias
             assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (method, rows)
+
+
+@pytest.mark.parametrize("method,group", [("int8", 0), ("int4", 32), ("int4", 128)])
+@pytest.mark.parametrize("fused", ["norm", "gelu", "relu2", "res"])
+@pytest.mark.parametrize("m,config", [(1, None), (2, (4, 256, 2))])
+def test_fused_gemv(method, group, fused, m, config):
+    """The decode step's norm / activation / bias + residual inside the quantized GEMV, against fp64 math on the
+    same dequantized weights."""
+    dtype, n, k = torch.float32, 48, 512
+    x, qw, s, _ = _case(m, n, k, method, group, dtype, seed=1)
+    g = torch.Generator().manual_seed(2)
+    nw, bias, res = torch.rand(k, generator=g) + 0.5, torch.randn(n, generator=g), torch.randn(m, n, generator=g)
+    dense = (Q.dequantize_int8(qw, s.double(), torch.float64) if method == "int8"
+             else Q.dequantize_int4(qw, s.double(), group, torch.float64))
+    xd = x.double()
+    if fused == "norm":
+        xd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+    elif fused in ("gelu", "relu2"):
+        xd = torch.nn.functional.gelu(xd) if fused == "gelu" else torch.relu(xd) ** 2
+    want = xd @ dense.T + (bias.double() + res.double() if fused == "res" else 0.0)
+    out = torch.full((m, n), float("nan"), dtype=dtype)
+    y = tq.qgemv_launch(x, qw, s, 8 if method == "int8" else 4, group, out, bias=bias if fused == "res" else None,
+                        residual=res if fused == "res" else None, norm_weight=nw if fused == "norm" else None,
+                        activation=fused if fused in ("gelu", "relu2") else None, config=config)
+    _check(y, want, dtype, k)
+
+
+def test_fused_module_hook_matches_the_unfused_step(monkeypatch):
+    """fused_forward (what a quantized linear's fused_linear hook runs on CUDA) gives the unfused step's result:
+    norm → module → + residual (kernels.triton_ops() is None without CUDA: the interpreted module stands in)."""
+    from hybridctl.blocks import RMSNorm
+
+    monkeypatch.setattr(Q, "_triton_ops", lambda: tq)
+
+    torch.manual_seed(0)
+    norm = RMSNorm(256, 1e-5)
+    norm.weight.data.uniform_(0.5, 1.5)
+    for method in ("int8", "int4"):
+        q = Q.from_linear(torch.nn.Linear(256, 64, bias=True), method, 64)
+        x, r = torch.randn(1, 256), torch.randn(1, 64)
+        want = r + q._mm_ref(norm(x)) + q.bias
+        got = Q.fused_forward(q, x, r, norm.weight, norm.eps, None)
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), method
