@@ -217,6 +217,23 @@ def test_train_refuses_a_recipe_that_cannot_fit_before_writing_anything(tmp_path
     assert not (tmp_path / "run").exists()
 
 
+def test_train_cli_refuses_a_recipe_that_cannot_fit_in_one_line(tmp_path):
+    """Through the command users run: one line on stderr naming what would fit, exit 1, no run directory."""
+    from typer.testing import CliRunner
+
+    from hybridctl.cli import app
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "t"\n[optim]\nsteps = 2\n')
+    r = CliRunner().invoke(app, ["train", str(recipe), "--run-dir", str(tmp_path / "run"), "--device", "cpu",
+                                 "--set", "data.seq_len=4194304", "--set", "optim.micro_batch=64",
+                                 "--set", "optim.global_batch=64"])
+    assert r.exit_code == 1, r.output
+    assert r.stderr.startswith("hybridctl: error: ") and "does not fit" in r.stderr and "RAM" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("kind", ["segments", "flex"])
 def test_compiled_caller_does_not_recompile_per_batch(kind):
     """A torch.compile'd block gets a new layout every batch: after the first two batches (Dynamo's automatic
