@@ -188,10 +188,18 @@ def gemv_sweep(cfg, dev: str, deadline: float, n_configs: int = 99) -> dict:
         kw = dict(norm_weight=nw if fused == "norm" else None, activation="gelu" if fused == "act" else None,
                   residual=res if fused != "norm" else None)
         out = torch.empty(1, n, device=dev, dtype=bf)
+        xd = x.double()
+        if fused == "norm":
+            xd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+        elif fused == "act":
+            xd = torch.nn.functional.gelu(xd)
+        want = xd @ w.double().T + (res.double() if fused != "norm" else 0.0)
+        y = tq.gemv_launch(x, w, None, kw["residual"], kw["norm_weight"], 1e-5, out, activation=kw["activation"])
+        err = ((y.double() - want).abs().max() / want.abs().max()).item()
         us = _graph_us(lambda: tq.gemv_launch(x, w, None, kw["residual"], kw["norm_weight"], 1e-5, out,
                                               activation=kw["activation"]))
         rows.append({"n": n, "k": k, "fused": fused, "kernel": "bf16", "config": None, "us": us,
-                     "GBps": n * k * 2 / us / 1e3})
+                     "GBps": n * k * 2 / us / 1e3, "rel_err": err})
         log(json.dumps(rows[-1]))
         for bits in (8, 4):
             qw, sc = Q.quantize_int8(w.float()) if bits == 8 else Q.quantize_int4(w.float(), 128)
