@@ -7,10 +7,15 @@
    int4 g128 (RTN, policy default), and torchao's weight-only int8 / int4 (``quantize_`` on the same nn.Linear
    modules; hybridctl's own Triton decode products off for it, which read ``.weight`` as a dense matrix); weight
    bytes and peak memory of each (the model alone on the GPU).
-3. ``quality``: a hybrid-130m trained for ``--train-steps`` on the embedded corpus (``hybridctl train``), then
-   int8 / int4 RTN / int4 GPTQ perplexity vs the source and greedy agreement (``quantize(device="cuda")``).
+3. ``quality``: a hybrid-130m trained for ``--train-steps`` on the embedded corpus (``hybridctl train``), then in
+   one process int8 / int4 g128 RTN / int4 g128 calibrated (GPTQ + clipped scales) perplexity vs the source,
+   relative change and greedy agreement (fp32; the source loaded and evaluated once, every phase timed); with
+   ``--peer`` torchao's weight-only int8 / int4 on a bf16 copy against the bf16 source.
 
-    PYTHONPATH=. python benchmarks/quantize_gpu.py --out DIR [--sections kernels,speed,quality] [--smoke]
+    PYTHONPATH=. python benchmarks/quantize_gpu.py --out DIR [--sections quality,kernels,sweep,speed] [--peer]
+        [--train-steps 120] [--smoke]
+
+Sections run in the order given; DIR/quantize_gpu.json is rewritten after every phase (a cut call keeps its rows).
 
 ``--smoke``: tiny sizes on whatever device is there (the CPU rehearsal of the exact script).
 """
@@ -24,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -45,8 +51,10 @@ def log(*a) -> None:
 
 
 def save(out: str) -> None:
-    with open(os.path.join(out, "quantize_gpu.json"), "w") as f:
+    path = os.path.join(out, "quantize_gpu.json")
+    with open(path + ".tmp", "w") as f:  # rename: a cut mid-write leaves the previous complete file
         json.dump(RES, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
 
 
 def guarded(label: str, fn, out: str):
@@ -180,10 +188,18 @@ def gemv_sweep(cfg, dev: str, deadline: float, n_configs: int = 99) -> dict:
         kw = dict(norm_weight=nw if fused == "norm" else None, activation="gelu" if fused == "act" else None,
                   residual=res if fused != "norm" else None)
         out = torch.empty(1, n, device=dev, dtype=bf)
+        xd = x.double()
+        if fused == "norm":
+            xd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+        elif fused == "act":
+            xd = torch.nn.functional.gelu(xd)
+        want = xd @ w.double().T + (res.double() if fused != "norm" else 0.0)
+        y = tq.gemv_launch(x, w, None, kw["residual"], kw["norm_weight"], 1e-5, out, activation=kw["activation"])
+        err = ((y.double() - want).abs().max() / want.abs().max()).item()
         us = _graph_us(lambda: tq.gemv_launch(x, w, None, kw["residual"], kw["norm_weight"], 1e-5, out,
                                               activation=kw["activation"]))
         rows.append({"n": n, "k": k, "fused": fused, "kernel": "bf16", "config": None, "us": us,
-                     "GBps": n * k * 2 / us / 1e3})
+                     "GBps": n * k * 2 / us / 1e3, "rel_err": err})
         log(json.dumps(rows[-1]))
         for bits in (8, 4):
             qw, sc = Q.quantize_int8(w.float()) if bits == 8 else Q.quantize_int4(w.float(), 128)
@@ -345,15 +361,10 @@ def speed(cfg, dev: str, batches: list[int], prompt: int, new_tokens: int, varia
 
 # ---- 3. quality -------------------------------------------------------------------------------------------------------
 
-
-def quality(work: str, dev: str, preset_name: str, steps: int, seq_len: int, eval_samples: int,
-            calib_samples: int) -> dict:
-    recipe = os.path.join(work, "q.toml")
-    with open(recipe, "w") as f:
-        f.write(f'''name = "quant-quality"
+RECIPE = '''name = "quant-quality"
 seed = 0
 [model]
-preset = "{preset_name}"
+preset = "{preset}"
 [data]
 source = "builtin"
 seq_len = {seq_len}
@@ -365,41 +376,171 @@ micro_batch = 16
 global_batch = 16
 lr = 2e-3
 min_lr = 2e-4
-warmup_steps = {max(1, steps // 20)}
+warmup_steps = {warmup}
 schedule = "cosine"
 weight_decay = 0.1
 grad_clip = 1.0
 [checkpoint]
 dir = "{work}/run"
-interval = {steps * 2}
+interval = {never}
 keep_last = 1
 export = true
 [eval]
-interval = {steps * 2}
+interval = {never}
 batches = 2
 [logging]
-interval = {max(1, steps // 10)}
-''')
+interval = {log_every}
+'''
+
+
+def _train(work: str, dev: str, preset_name: str, steps: int, seq_len: int) -> dict:
+    """``hybridctl train`` in a subprocess (the CLI users run): the source checkpoint at work/run/final."""
+    recipe = os.path.join(work, "q.toml")
+    with open(recipe, "w") as f:
+        f.write(RECIPE.format(preset=preset_name, seq_len=seq_len, steps=steps, warmup=max(1, steps // 20),
+                              work=work, never=steps * 2, log_every=max(1, steps // 10)))
     t = time.time()
+    path = os.pathsep.join([os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     run = subprocess.run([sys.executable, "-m", "hybridctl", "train", recipe, "--resume", "never", "--json",
                           "--device", dev], capture_output=True, text=True, timeout=400,
-                         env={**os.environ, "PYTHONPATH": os.getcwd()})
-    out = {"train_seconds": time.time() - t, "train_rc": run.returncode, "recipe": open(recipe).read(),
-           "train_tail": (run.stdout[-1500:] + run.stderr[-1500:])}
-    log("train rc", run.returncode, f"{out['train_seconds']:.0f}s", run.stdout[-800:], run.stderr[-800:])
-    src = os.path.join(work, "run", "final")
-    results = {}
-    for label, kw in (("int8", dict(method="int8")), ("int4-rtn", dict(method="int4")),
-                      ("int4-gptq", dict(method="int4", calib="builtin", calib_samples=calib_samples,
-                                         calib_seq_len=seq_len))):
+                         env={**os.environ, "PYTHONPATH": path})  # keep /tmp/site (mamba_ssm) on the path
+    log("train rc", run.returncode, f"{time.time() - t:.0f}s", run.stdout[-600:], run.stderr[-600:])
+    if run.returncode != 0:
+        raise RuntimeError(f"train failed (rc {run.returncode}): {run.stderr[-400:]}")
+    return {"seconds": time.time() - t, "recipe": open(recipe).read(), "tail": run.stdout[-1500:]}
+
+
+def _eval_row(result, batches, prompt, n: int, ref: dict) -> dict:
+    """quantize.evaluate's figures against the cached source figures ``ref`` (ppl, greedy tokens)."""
+    from hybridctl.quantize import greedy, perplexity
+
+    t = time.time()
+    ppl = perplexity(result, batches)
+    t_ppl = time.time() - t
+    mine = greedy(result, prompt, n)
+    with torch.no_grad():
+        seq = torch.cat([prompt, torch.tensor([ref["greedy"][:-1]], device=prompt.device)], dim=1)
+        pred = result(seq)[0, prompt.shape[1] - 1:].argmax(-1).tolist()
+    same = next((i for i, (x, y) in enumerate(zip(ref["greedy"], mine)) if x != y), n)
+    return {"ppl_source": ref["ppl"], "ppl_quantized": ppl, "ppl_change": ppl / ref["ppl"] - 1.0,
+            "greedy_tokens": n, "greedy_agreement": sum(x == y for x, y in zip(ref["greedy"], pred)) / n,
+            "greedy_identical_prefix": same, "ppl_seconds": t_ppl, "greedy_seconds": time.time() - t - t_ppl}
+
+
+def _reference(model, batches, prompt, n: int) -> dict:
+    from hybridctl.quantize import greedy, perplexity
+
+    t = time.time()
+    return {"ppl": perplexity(model, batches), "greedy": greedy(model, prompt, n), "seconds": time.time() - t}
+
+
+def _torchao_peer(model, cfg_modules: list[str], method: str):
+    """torchao's weight-only int8 / int4 g128 (``quantize_``) on a bf16 copy, on the same nn.Linear modules."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    wanted = set(cfg_modules)
+    conf = (Int8WeightOnlyConfig() if method == "int8" else
+            Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+    quantize_(m, conf, filter_fn=lambda mod, fqn: fqn in wanted)
+    return m.eval()
+
+
+def quality(work: str, dev: str, preset_name: str, steps: int, seq_len: int, eval_samples: int,
+            calib_samples: int, greedy_tokens: int = 200, peer: bool = False, out: str | None = None) -> dict:
+    """Train the source, then in one process (source loaded once, its ppl and greedy tokens computed once, the
+    Hessians collected once): int8, int4 g128 RTN, int4 g128 calibrated (GPTQ + clipped scales, what ``quantize
+    --calib`` does: quantize.quantized_model with Hessians), each row saved as soon as it exists; with ``peer``,
+    torchao's int8 / int4 on a bf16 copy against the bf16 source. Policy default, head kept, fp32 evaluation."""
+    from hybridctl.checkpoint import load_model, load_tokenizer_for, open_checkpoint
+    from hybridctl.quantize import _batches, collect_hessians
+
+    q: dict = {"phases": {}, "results": {}}
+    RES["quality"] = q
+
+    def phase(name: str, t: float) -> None:
+        q["phases"][name] = round(time.time() - t, 2)
+        log(f"quality: {name} {q['phases'][name]:.1f}s")
+        if out:
+            save(out)
+
+    t = time.time()
+    q["train"] = _train(work, dev, preset_name, steps, seq_len)
+    phase("train", t)
+    t = time.time()
+    src = open_checkpoint(os.path.join(work, "run", "final"))
+    tok = load_tokenizer_for(src)
+    model, _ = load_model(src, device=dev, dtype=torch.float32)
+    model.eval()
+    batches = _batches("builtin", tok, split="eval", seq_len=seq_len, batch_size=4, n_rows=eval_samples,
+                       what="--eval-data")
+    prompt = batches[0]["input_ids"][:1, :32].to(dev)
+    q["eval"] = {"data": "builtin (held-out split)", "sequences": eval_samples, "seq_len": seq_len,
+                 "eval_tokens": sum(int(b["input_ids"].numel()) for b in batches), "greedy_tokens": greedy_tokens,
+                 "calib_sequences": calib_samples, "policy": "default", "group_size": 128, "dtype": "float32"}
+    ref = _reference(model, batches, prompt, greedy_tokens)
+    q["ppl_source"] = ref["ppl"]
+    phase("load+source-eval", t)
+    for label, method, calibrated in (("int8", "int8", False), ("int4-rtn", "int4", False),
+                                      ("int4-calibrated", "int4", True)):
         t = time.time()
-        res = quantize(source=src, out=os.path.join(work, label), group_size=128, eval_data="builtin",
-                       eval_samples=eval_samples, eval_seq_len=seq_len, greedy_tokens=200, device=dev, **kw)
-        results[label] = dict(res.eval or {}, seconds=time.time() - t, bytes_before=res.bytes_before,
-                              bytes_after=res.bytes_after, quantized_tensors=len(res.modules))
-        log(label, json.dumps(results[label]))
-        RES["quality"] = dict(out, results=results)
-    return RES["quality"]
+        try:
+            plan, modules = make_plan(src.config, src.specs, method=method, group_size=128, policy="default",
+                                      include_head=False)
+            hessians = None
+            if calibrated:
+                calib = _batches("builtin", tok, split="train", seq_len=seq_len, batch_size=8, n_rows=calib_samples,
+                                 what="--calib")
+                hessians = collect_hessians(model, modules, calib)
+                phase(f"{label}: hessians", t)
+            qm = quantized_model(model, modules, method, 128, hessians)
+            t_q = time.time() - t
+            try:
+                row = _eval_row(qm, batches, prompt, greedy_tokens, ref)
+            except Exception as e:  # noqa: BLE001 - a kernel failure must not cost the quality figure
+                RES["errors"][f"quality {label} kernels"] = f"{type(e).__name__}: {str(e)[:400]}"
+                traceback.print_exc()
+                for mod in qm.modules():
+                    if isinstance(mod, Q._QuantLinear):
+                        mod.use_kernel = False  # the dequantize-then-matmul twin: the same integers and scales
+                row = dict(_eval_row(qm, batches, prompt, greedy_tokens, ref), kernels="twin (kernel error)")
+            row.update(quantize_seconds=t_q, seconds=time.time() - t, quantized_tensors=len(modules),
+                       bytes_before=sum(r.bytes_before for r in plan), bytes_after=sum(r.bytes_after for r in plan),
+                       method="gptq+clip" if calibrated else "rtn")
+            q["results"][label] = row
+            log(label, json.dumps(row))
+            del qm
+        except Exception as e:  # noqa: BLE001 - a row that fails is recorded, the next one runs
+            RES["errors"][f"quality {label}"] = f"{type(e).__name__}: {str(e)[:400]}"
+            traceback.print_exc()
+        phase(label, t)
+    rtn, cal = q["results"].get("int4-rtn"), q["results"].get("int4-calibrated")
+    if rtn and cal and rtn["ppl_change"] > 0:
+        q["calibrated_share_of_rtn_increase"] = cal["ppl_change"] / rtn["ppl_change"]
+    if peer:
+        t = time.time()
+        bf = copy.deepcopy(model).to(torch.bfloat16).eval()
+        ref16 = _reference(bf, batches, prompt, greedy_tokens)
+        q["ppl_source_bf16"] = ref16["ppl"]
+        del bf
+        phase("peer: bf16 source", t)
+        _, modules = make_plan(src.config, src.specs, method="int8", group_size=128, policy="default",
+                               include_head=False)
+        for method in ("int8", "int4"):
+            t = time.time()
+            try:
+                with kernels.decode_kernels(False):  # torchao's tensors are not dense .weight matrices
+                    pm = _torchao_peer(model, modules, method)
+                    row = _eval_row(pm, batches, prompt, greedy_tokens, ref16)
+                row.update(dtype="bfloat16", seconds=time.time() - t)
+                q["results"][f"torchao-{method}"] = row
+                log(f"torchao-{method}", json.dumps(row))
+                del pm
+            except Exception as e:  # noqa: BLE001
+                RES["errors"][f"quality torchao-{method}"] = f"{type(e).__name__}: {str(e)[:400]}"
+                traceback.print_exc()
+            phase(f"torchao-{method}", t)
+    return q
 
 
 def main() -> None:
@@ -411,6 +552,7 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--sweep-seconds", type=float, default=60)
     ap.add_argument("--variants", default="bf16,int8,int4,torchao-int8,torchao-int4")
+    ap.add_argument("--peer", action="store_true", help="quality: also torchao's int8 / int4 (bf16) on the 130m")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -421,23 +563,25 @@ def main() -> None:
         RES["env"]["torchao"] = torchao.__version__
     except Exception as e:  # noqa: BLE001
         RES["env"]["torchao"] = f"not importable: {e}"
-    sections = a.sections.split(",")
     big = preset("tiny" if a.smoke else "hybrid-1.3b")
-    if "kernels" in sections and dev == "cuda":
-        RES["kernels"] = guarded("kernels", lambda: kernels_check(big, dev), a.out)
-    if "sweep" in sections and (dev == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
-        RES["sweep"] = guarded("sweep", lambda: gemv_sweep(big, dev, time.time() + a.sweep_seconds,
-                                                           2 if a.smoke else 99), a.out)
-    if "speed" in sections:
-        variants = a.variants.split(",")
-        guarded("speed", lambda: speed(big, dev, [1, 8, 64] if not a.smoke else [1, 8], 1024 if not a.smoke else 32,
-                                       128 if not a.smoke else 8, variants, time.time() + a.speed_seconds), a.out)
-    if "quality" in sections:
-        work = os.path.join("/tmp", "quant-quality")
-        os.makedirs(work, exist_ok=True)
-        guarded("quality", lambda: quality(work, dev, "tiny" if a.smoke else "hybrid-130m",
-                                           6 if a.smoke else a.train_steps, 64 if a.smoke else 512,
-                                           4 if a.smoke else 32, 8 if a.smoke else 128), a.out)
+    for section in a.sections.split(","):  # in the order given: the first one is the one a cut must not lose
+        log(f"section {section}")
+        if section == "kernels" and dev == "cuda":
+            RES["kernels"] = guarded("kernels", lambda: kernels_check(big, dev), a.out)
+        elif section == "sweep" and (dev == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+            RES["sweep"] = guarded("sweep", lambda: gemv_sweep(big, dev, time.time() + a.sweep_seconds,
+                                                               2 if a.smoke else 99), a.out)
+        elif section == "speed":
+            variants = a.variants.split(",")
+            guarded("speed", lambda: speed(big, dev, [1, 8, 64] if not a.smoke else [1, 8],
+                                           1024 if not a.smoke else 32, 128 if not a.smoke else 8, variants,
+                                           time.time() + a.speed_seconds), a.out)
+        elif section == "quality":
+            work = tempfile.mkdtemp(prefix="quant-quality-")
+            guarded("quality", lambda: quality(work, dev, "tiny" if a.smoke else "hybrid-130m",
+                                               6 if a.smoke else a.train_steps, 64 if a.smoke else 512,
+                                               4 if a.smoke else 32, 8 if a.smoke else 128,
+                                               greedy_tokens=16 if a.smoke else 200, peer=a.peer, out=a.out), a.out)
     RES["wall_s"] = time.time() - T0
     save(a.out)
     log("done")

@@ -374,16 +374,22 @@ def check_training_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int, a
 
 def decode_bytes_per_step(model: nn.Module, batch: int, kv_len: int, *, state_bytes: int = 4) -> int:
     """Bytes one decode step of ``batch`` rows must move at least (a bandwidth roofline's numerator): every parameter
-    in its stored dtype, except that of the embedding table only the B gathered rows are read (all of it when the
-    head is tied to it); per row the SSM state (``state_bytes`` per element) and conv state, read and written, and
-    the KV cache up to ``kv_len`` positions, read (``memory_per_sequence`` in the parameters' element size)."""
-    total = 0
-    for name, p in model.named_parameters():
-        if name == "embed.weight":
-            total += batch * p.shape[1] * p.element_size()
-            if model.lm_head is None:  # tied: the head reads the whole table
-                total += p.numel() * p.element_size()
-        else:
-            total += p.numel() * p.element_size()
-    mem = memory_per_sequence(model.cfg, dtype_bytes=next(model.parameters()).element_size(), state_bytes=state_bytes)
+    and persistent buffer in its stored dtype (a quantized linear's packed int8 / int4 ``qweight``, its ``scales``
+    and zero points if any: what decode reads; kept tensors at their dtype), except that of the embedding table
+    only the B gathered rows are read (all of it when the head is tied to it); per row the SSM state
+    (``state_bytes`` per element) and conv state, read and written, and the KV cache up to ``kv_len`` positions, read
+    (``memory_per_sequence`` in the embedding's element size, the activations' dtype)."""
+    emb = model.embed.weight
+    total = batch * emb.shape[1] * emb.element_size()
+    if model.lm_head is None:  # tied: the head reads the whole table
+        total += emb.numel() * emb.element_size()
+    seen = {id(emb)}
+    for mod in model.modules():
+        skip = getattr(mod, "_non_persistent_buffers_set", set())
+        tensors = list(mod._parameters.values()) + [b for n, b in mod._buffers.items() if n not in skip]
+        for t in tensors:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    mem = memory_per_sequence(model.cfg, dtype_bytes=emb.element_size(), state_bytes=state_bytes)
     return total + batch * (2 * mem["state_bytes_per_sequence"] + mem["kv_bytes_per_token"] * kv_len)

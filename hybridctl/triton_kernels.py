@@ -32,6 +32,31 @@ Tensor = torch.Tensor
 
 
 @triton.jit
+def _gemv_input(x_ptr, nw_ptr, offs, mask, ss, HAS_NORM: tl.constexpr, ACT: tl.constexpr, MASKED: tl.constexpr):
+    """The GEMV prologue shared by _gemv_kernel and _qgemv_kernel: x's columns ``offs`` (fp32) as the product sees
+    them. ACT: the MLP's activation on its hidden state (1 gelu, 2 relu²), rounded to the activation dtype as the
+    unfused op's output; HAS_NORM: rmsnorm(x)·w = rstd · Σ W (x ⊙ norm_weight), so the raw sum of squares rides
+    along in ``ss`` and the caller divides by rstd once at the end. MASKED: columns where ``mask`` is False read 0.
+    Returns (x columns, ss)."""
+    if MASKED:
+        xk = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        xk = tl.load(x_ptr + offs).to(tl.float32)
+    if ACT == 1:
+        xk = (0.5 * xk * (1.0 + tl.math.erf(xk * 0.7071067811865476))).to(x_ptr.dtype.element_ty).to(tl.float32)
+    elif ACT == 2:
+        xk = tl.maximum(xk, 0.0)
+        xk = (xk * xk).to(x_ptr.dtype.element_ty).to(tl.float32)
+    if HAS_NORM:
+        ss += xk * xk
+        if MASKED:
+            xk = xk * tl.load(nw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            xk = xk * tl.load(nw_ptr + offs).to(tl.float32)
+    return xk, ss
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, nw_ptr, y_ptr, N, K, stride_wn, eps,
                  HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, ACT: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
@@ -43,21 +68,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, nw_ptr, y_ptr, N, K, stride_wn
     ss = tl.zeros((BLOCK_K,), tl.float32)
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            xk = tl.load(x_ptr + k0 + rk).to(tl.float32)
-        else:
-            xk = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
-        if ACT == 1:  # the MLP's activation on its hidden state, rounded to the activation dtype as F.gelu's output
-            xk = (0.5 * xk * (1.0 + tl.math.erf(xk * 0.7071067811865476))).to(x_ptr.dtype.element_ty).to(tl.float32)
-        elif ACT == 2:  # relu²
-            xk = tl.maximum(xk, 0.0)
-            xk = (xk * xk).to(x_ptr.dtype.element_ty).to(tl.float32)
-        if HAS_NORM:  # rmsnorm(x)·w = rstd · Σ W (x ⊙ norm_weight): the sum of squares rides along in this loop
-            ss += xk * xk
-            if EVEN_K:
-                xk = xk * tl.load(nw_ptr + k0 + rk).to(tl.float32)
-            else:
-                xk = xk * tl.load(nw_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+        xk, ss = _gemv_input(x_ptr, nw_ptr, k0 + rk, k0 + rk < K, ss, HAS_NORM, ACT, not EVEN_K)
         if EVEN_N and EVEN_K:
             w = tl.load(w_ptrs, eviction_policy="evict_first")
         else:
@@ -265,7 +276,7 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, res_ptr, nw_ptr, y_ptr, N, K, n
     group (SUB_K divides GROUP), each byte's two nibbles against x's even / odd columns, scaled by the group's
     scale in registers. Integers become floats by bit pattern (_F32_MAGIC: or-ing u ∈ [0, 2^23) into 0x4B000000 gives
     the float 2^23 + u exactly; two ALU ops instead of the slower int-to-float unit). The norm / activation / bias / residual
-    are those of the bf16 GEMV (_gemv_kernel)."""
+    are those of the bf16 GEMV (the shared prologue _gemv_input)."""
     pid = tl.program_id(0)
     m = tl.program_id(1)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -277,22 +288,7 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, res_ptr, nw_ptr, y_ptr, N, K, n
         ss = tl.zeros((BLOCK_K,), tl.float32)
         w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
         for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                xk = tl.load(x_row + k0 + rk).to(tl.float32)
-            else:
-                xk = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
-            if ACT == 1:  # as F.gelu's output: rounded to the activation dtype
-                xk = (0.5 * xk * (1.0 + tl.math.erf(xk * 0.7071067811865476))).to(x_ptr.dtype.element_ty)
-                xk = xk.to(tl.float32)
-            elif ACT == 2:
-                xk = tl.maximum(xk, 0.0)
-                xk = (xk * xk).to(x_ptr.dtype.element_ty).to(tl.float32)
-            if HAS_NORM:
-                ss += xk * xk
-                if EVEN_K:
-                    xk = xk * tl.load(nw_ptr + k0 + rk).to(tl.float32)
-                else:
-                    xk = xk * tl.load(nw_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+            xk, ss = _gemv_input(x_row, nw_ptr, k0 + rk, k0 + rk < K, ss, HAS_NORM, ACT, not EVEN_K)
             if EVEN_N and EVEN_K:
                 q = tl.load(w_ptrs, eviction_policy="evict_first")
             else:
@@ -311,20 +307,8 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, res_ptr, nw_ptr, y_ptr, N, K, n
         for k0 in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K (the launcher's rule)
             for u in tl.static_range(BLOCK_K // SUB_K):
                 kk = k0 + u * SUB_K
-                xe = tl.load(x_row + kk + 2 * rj).to(tl.float32)
-                xo = tl.load(x_row + kk + 2 * rj + 1).to(tl.float32)
-                if ACT == 1:
-                    xe = (0.5 * xe * (1.0 + tl.math.erf(xe * 0.7071067811865476))).to(x_ptr.dtype.element_ty)
-                    xo = (0.5 * xo * (1.0 + tl.math.erf(xo * 0.7071067811865476))).to(x_ptr.dtype.element_ty)
-                    xe, xo = xe.to(tl.float32), xo.to(tl.float32)
-                elif ACT == 2:
-                    xe, xo = tl.maximum(xe, 0.0), tl.maximum(xo, 0.0)
-                    xe = (xe * xe).to(x_ptr.dtype.element_ty).to(tl.float32)
-                    xo = (xo * xo).to(x_ptr.dtype.element_ty).to(tl.float32)
-                if HAS_NORM:
-                    ss += xe * xe + xo * xo
-                    xe = xe * tl.load(nw_ptr + kk + 2 * rj).to(tl.float32)
-                    xo = xo * tl.load(nw_ptr + kk + 2 * rj + 1).to(tl.float32)
+                xe, ss = _gemv_input(x_row, nw_ptr, kk + 2 * rj, None, ss, HAS_NORM, ACT, False)  # even columns
+                xo, ss = _gemv_input(x_row, nw_ptr, kk + 2 * rj + 1, None, ss, HAS_NORM, ACT, False)  # odd ones
                 if EVEN_N:
                     p = tl.load(w_ptrs + kk // 2, eviction_policy="evict_first")
                     s = tl.load(s_ptrs + kk // GROUP).to(tl.float32)

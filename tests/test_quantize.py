@@ -228,3 +228,34 @@ def test_convert_refuses_a_quantized_source(trained, tmp_path):
         with pytest.raises(HybridctlError, match="quantized checkpoint"):
             convert(src=q, to=to, out=tmp_path / to)
         assert not (tmp_path / to).exists()
+
+
+@pytest.mark.parametrize("method,group", [("int8", 0), ("int4", 32)])
+def test_decode_bytes_per_step_counts_the_packed_weights_and_scales(trained, tmp_path, method, group):
+    """A quantized checkpoint's decode step reads its packed qweight and scales, not the dense matrices: the bytes
+    per step of the loaded result are the source's minus, per swapped linear, its dense weight plus the actual
+    buffers (int8: N·K bytes + N scales; int4: N·K/2 + N·K/g scales); bench's rows report that figure."""
+    from hybridctl.bench import bench
+    from hybridctl.model import decode_bytes_per_step
+
+    out = tmp_path / method
+    res = quantize(source=trained, out=out, method=method, group_size=group or 128, policy="aggressive",
+                   include_head=True, eval_data=None)
+    dense, _ = load_model(trained)
+    qm, _ = load_model(out)
+    saved = 0
+    for name in res.modules:
+        lin, q = dense.get_submodule(name), qm.get_submodule(name)
+        n, k = lin.weight.shape
+        packed = q.qweight.numel() * q.qweight.element_size()
+        assert packed == (n * k if method == "int8" else n * k // 2)
+        assert q.scales.numel() == (n if method == "int8" else n * k // group) and q.scales.dtype == torch.float32
+        saved += lin.weight.numel() * lin.weight.element_size() - packed - q.scales.numel() * 4
+    assert "lm_head" in res.modules and saved > 0
+    for batch in (1, 3):
+        assert decode_bytes_per_step(dense, batch, 20) - decode_bytes_per_step(qm, batch, 20) == saved
+    rows = bench(checkpoints=[out], presets=[], batch=[2], prompt_len=[8], new_tokens=2, reps=1, warmup=0,
+                 bandwidth_gbps=10.0)["speed"]
+    assert rows[0]["status"] == "ok" and rows[0]["decode_bytes_per_step"] == decode_bytes_per_step(qm, 2, 9)
+    assert rows[0]["roofline_fraction"] == pytest.approx(
+        rows[0]["decode_bytes_per_step"] * rows[0]["decode_tokens_per_s"]["mean"] / 2 / 10e9)

@@ -40,8 +40,10 @@ class Source:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dominant stored dtype (of the largest tensor)."""
-        return max(self.specs.values(), key=lambda s: _numel(s[0]))[1]
+        """The dominant stored floating dtype (of the largest floating tensor: a quantized checkpoint's integer
+        weights are not its compute dtype); the largest tensor's where none is floating."""
+        floats = [s for s in self.specs.values() if s[1].is_floating_point] or list(self.specs.values())
+        return max(floats, key=lambda s: _numel(s[0]))[1]
 
     @property
     def quantization(self) -> dict[str, Any] | None:
