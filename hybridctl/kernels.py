@@ -146,6 +146,12 @@ def backend() -> str:
     return "kernel"
 
 
+def training_backend(device: torch.device | str) -> str:
+    """The backend a training step on ``device`` runs its Mamba layers with ('kernel' only for CUDA under the kernel
+    backend; everything else takes ref.py), for the memory plan (``model.training_memory(backend=)``)."""
+    return backend() if torch.device(device).type == "cuda" else "ref"
+
+
 def describe() -> dict[str, Any]:
     """What is in use, for summaries and `bench`."""
     eff = backend()
