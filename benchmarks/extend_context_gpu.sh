@@ -11,14 +11,14 @@
 # checkpointing: each ≈ 42 GiB (hybrid) / 60 GiB (Mamba-2) by model.training_memory, half of what the plan would
 # choose, so even a 2x underestimate fits the 140 GiB card. Everything lands in $OUT (log.txt, results.json, plots).
 #
-#   OUT=$OUT bash benchmarks/extend_context_gpu.sh                 # the H200 sizes (~450 s; DEADLINE=500)
+#   OUT=$OUT bash benchmarks/extend_context_gpu.sh                 # the H200 sizes (~560 s; DEADLINE=560)
 #   OUT=/tmp/o SMOKE=1 bash benchmarks/extend_context_gpu.sh       # CPU rehearsal: tiny, 256 -> 1024 / 2048
 set -u
 : "${OUT:?set OUT}"
 W=${W:-/tmp/extgpu}
 rm -rf "$W"; mkdir -p "$W" "$OUT"
 t0=$(date +%s)
-DEADLINE=${DEADLINE:-500}  # no stage runs past this many seconds from the start
+DEADLINE=${DEADLINE:-560}  # no stage runs past this many seconds from the start
 RESERVE=${RESERVE:-12}     # kept for the last report
 export PYTHONUNBUFFERED=1 HYBRIDCTL_DOC_ATTENTION=${HYBRIDCTL_DOC_ATTENTION:-segments}  # no FlexAttention compile
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -39,7 +39,7 @@ else
     export PYTHONPATH=/tmp/site:$PWD
     BASE=(); MAMBA="MMMMMMMMMMMMMMMMMM"; L1=16384; L2=32768; E1=4096,8192,16384; E2=4096,8192,16384,32768; DEV=()
     BASE_STEPS=${BASE_STEPS:-60}; S1=${S1:-16}; S2=${S2:-8}; N=${N:-2}; MB1=${MB1:-4}; MB2=${MB2:-2}
-    T0=${T0:-150}; T1=${T1:-110}; T2=${T2:-120}
+    T0=${T0:-150}; T1=${T1:-150}; T2=${T2:-120}
 fi
 H="$PY -m hybridctl"
 stamp "start (SMOKE=${SMOKE:-0}, DEADLINE ${DEADLINE}s)"
