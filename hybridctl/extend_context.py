@@ -149,19 +149,21 @@ def _base_info(checkpoint: str | Path, base_seq_len: int | None):
     return src, base, peak
 
 
-def _memory(cfg: ModelConfig, recipe: Recipe, world: int, compute_bytes: int, capacity: int) -> dict[str, Any]:
-    """Training memory per device at the recipe's micro-batch, with and without activation checkpointing."""
+def _memory(cfg: ModelConfig, recipe: Recipe, world: int, compute_bytes: int, capacity: int,
+            backend: str) -> dict[str, Any]:
+    """Training memory per device at the recipe's micro-batch, with and without activation checkpointing, for the
+    backend that will run (``kernels.training_backend``)."""
     from hybridctl.model import MEMORY_HEADROOM, training_memory
 
     kw = dict(seq_len=recipe.data.seq_len, micro_batch=recipe.optim.micro_batch, world_size=world,
-              compute_bytes=compute_bytes)
+              compute_bytes=compute_bytes, backend=backend)
     plain = training_memory(cfg, activation_checkpointing=False, **kw)
     ckpt = training_memory(cfg, activation_checkpointing=True, **kw)
     chosen = ckpt if recipe.parallel.activation_checkpointing else plain
     return {"params": plain["params"], "grads": plain["grads"], "optimizer": plain["optimizer"],
             "activations": plain["activations"], "activations_checkpointed": ckpt["activations"],
             "total": plain["total"], "total_checkpointed": ckpt["total"], "limit": MEMORY_HEADROOM * capacity,
-            "fits": chosen["total"] <= MEMORY_HEADROOM * capacity}
+            "fits": chosen["total"] <= MEMORY_HEADROOM * capacity, "backend": backend}
 
 
 def _inference(cfg: ModelConfig, seq_len: int) -> dict[str, Any]:
@@ -179,7 +181,7 @@ def _inference(cfg: ModelConfig, seq_len: int) -> dict[str, Any]:
 
 
 def _fit_batch(cfg: ModelConfig, recipe: Recipe, world: int, compute_bytes: int, capacity: int,
-               fixed_mb: bool, fixed_ac: bool, device_name: str) -> None:
+               fixed_mb: bool, fixed_ac: bool, device_name: str, backend: str) -> None:
     """Set optim.micro_batch / parallel.activation_checkpointing to the largest micro-batch that fits (without
     checkpointing first) unless the user set them; raise with what would fit when nothing does."""
     from hybridctl.model import MEMORY_HEADROOM, check_training_memory, training_memory
@@ -191,14 +193,15 @@ def _fit_batch(cfg: ModelConfig, recipe: Recipe, world: int, compute_bytes: int,
     for ac in acs:
         for mb in mbs:
             est = training_memory(cfg, seq_len=recipe.data.seq_len, micro_batch=mb, activation_checkpointing=ac,
-                                  world_size=world, compute_bytes=compute_bytes)["total"]
+                                  world_size=world, compute_bytes=compute_bytes, backend=backend)["total"]
             if est <= MEMORY_HEADROOM * capacity:
                 o.micro_batch, p.activation_checkpointing = mb, ac
                 return
     o.micro_batch, p.activation_checkpointing = mbs[-1], acs[-1]
     check_training_memory(cfg, seq_len=recipe.data.seq_len, micro_batch=o.micro_batch,
                           activation_checkpointing=p.activation_checkpointing, world_size=world,
-                          compute_bytes=compute_bytes, capacity_bytes=capacity, device_name=device_name)
+                          compute_bytes=compute_bytes, capacity_bytes=capacity, device_name=device_name,
+                          backend=backend)
 
 
 def _rope(cfg: ModelConfig, base_len: int, seq_len: int, rope_base: float | None) -> dict[str, Any] | None:
@@ -251,9 +254,11 @@ def plan_extension(*, checkpoint: str | Path, seq_len: int, out: str | Path, tok
                    steps: int | None = None, data: str = "builtin", mix: str | None = None,
                    short_fraction: float | None = None, lr: float | None = None, overrides: list[str] | None = None,
                    eval_lengths: str | None = None, eval_examples: int = 4, rope_base: float | None = None,
-                   base_seq_len: int | None = None, device: str | None = None) -> ExtendPlan:
-    """Everything checked, nothing written: the recipe, memory and inference figures, the eval documents."""
-    from hybridctl import parallel
+                   base_seq_len: int | None = None, device: str | None = None,
+                   backend: str | None = None) -> ExtendPlan:
+    """Everything checked, nothing written: the recipe, memory and inference figures (for the kernel backend that
+    ``backend`` resolves to on the device), the eval documents."""
+    from hybridctl import kernels, parallel
     from hybridctl.checkpoint.io import check_out_path
     from hybridctl.model import param_counts
 
@@ -282,14 +287,16 @@ def plan_extension(*, checkpoint: str | Path, seq_len: int, out: str | Path, tok
     compute = 2 if recipe.precision.dtype == "bfloat16" or (recipe.precision.dtype == "auto" and dev.type == "cuda") \
         else 4
     recipe.grad_accum(world)
+    kernels.set_backend(backend)
+    eff = kernels.training_backend(dev)
     _fit_batch(cfg, recipe, world, compute, capacity, "optim.micro_batch" in keys,
-               "parallel.activation_checkpointing" in keys, name)
+               "parallel.activation_checkpointing" in keys, name, eff)
     lengths = parse_lengths(eval_lengths, seq_len, base)
     tok = _tokenizer(recipe, src)
     docs = held_out_documents(recipe.data.source, tok, max(lengths) + 1)
+    memory = _memory(cfg, recipe, world, compute, capacity, eff)
     return ExtendPlan(Path(checkpoint), run_dir, base, seq_len, recipe, cfg, lengths, eval_examples, str(dev),
-                      capacity, world, _memory(cfg, recipe, world, compute, capacity), _inference(cfg, seq_len), rope,
-                      sum(param_counts(cfg).values()), docs)
+                      capacity, world, memory, _inference(cfg, seq_len), rope, sum(param_counts(cfg).values()), docs)
 
 
 def _tokenizer(recipe: Recipe, src: Any):

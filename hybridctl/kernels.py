@@ -146,6 +146,12 @@ def backend() -> str:
     return "kernel"
 
 
+def training_backend(device: torch.device | str) -> str:
+    """The backend a training step on ``device`` runs its Mamba layers with ('kernel' only for CUDA under the kernel
+    backend; everything else takes ref.py), for the memory plan (``model.training_memory(backend=)``)."""
+    return backend() if torch.device(device).type == "cuda" else "ref"
+
+
 def describe() -> dict[str, Any]:
     """What is in use, for summaries and `bench`."""
     eff = backend()
@@ -430,13 +436,24 @@ def _segments_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group
     if len(groups) == 1 and len(groups[0][2]) == bsz:  # every row is one document
         return sdpa(q, k, v)
     out = q.new_empty(q.shape)
-    for s, e, rows in groups:
-        if len(rows) == bsz:
-            out[:, s:e] = sdpa(q[:, s:e], k[:, s:e], v[:, s:e])
-        else:
-            rows = rows.to(q.device)
-            out[rows, s:e] = sdpa(q[rows, s:e], k[rows, s:e], v[rows, s:e])
+    with _no_cudnn_sdpa(q):
+        for s, e, rows in groups:
+            if len(rows) == bsz:
+                out[:, s:e] = sdpa(q[:, s:e], k[:, s:e], v[:, s:e])
+            else:
+                rows = rows.to(q.device)
+                out[rows, s:e] = sdpa(q[rows, s:e], k[rows, s:e], v[rows, s:e])
     return out
+
+
+def _no_cudnn_sdpa(q: torch.Tensor):
+    """SDPA without its cuDNN backend on CUDA: every new document length would cost cuDNN a fresh graph build (the
+    H200 run of benchmarks/extend_context.md stalled after 40 steps of ragged documents); flash / memory-efficient
+    kernels take any length at no set-up cost. A no-op on the CPU."""
+    if q.device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def document_block_mask(seq_idx: torch.Tensor, block: int = FLEX_BLOCK):

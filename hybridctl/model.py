@@ -281,12 +281,35 @@ def memory_per_sequence(cfg: ModelConfig, *, dtype_bytes: int = 2, state_bytes: 
 # ---- training memory (the pre-flight check of `train`, and `extend-context --dry-run`) -------------------------------
 
 
-def _activation_bytes_per_token(cfg: ModelConfig, kind: str, b: int) -> float:
+def _mamba_ref_bytes_per_token(cfg: ModelConfig, b: int) -> float:
+    """Bytes one Mamba block keeps for backward per token on the ``ref`` backend (ref.py's pure-PyTorch ops, every
+    one of whose intermediates autograd saves), read off ref.ssd_scan / causal_conv1d / rmsnorm_gated and checked
+    against autograd's saved tensors (tests/test_model.py). b: compute bytes (2: bf16 autocast, whose matmuls save
+    bf16 copies of their operands; 4: fp32). The scan's chunk-quadratic terms dominate: per token H·Q for the decay
+    matrix L, CB and the scores, H·N for B/C expanded per head — ~2.8× the kernel backend at 130M width."""
+    m, f, fp32 = cfg.mamba, 4, b >= 4
+    h, p, n, g, q = cfg.mamba_nheads, m.headdim, m.d_state, m.ngroups, m.chunk_size
+    di, cd = cfg.d_inner, cfg.conv_dim
+    norm = cfg.d_model * (2 * f + b)  # the block input and its normalised form (fp32), in_proj's input
+    proj = cfg.in_proj_dim * f if fp32 else di * f  # z: the whole in_proj output through its view, or an fp32 copy
+    # conv: its input (an fp32 copy for packed documents) and pre-activation; the scan's x: the fp32 conv output's
+    # storage, or (bf16) two fp32 copies of x
+    conv = cd * 2 * f + (cd * f if fp32 else 2 * h * p * f)
+    ssd = (h * q * (f + 2 * b) + 2 * g * n * b + h * n * (f + 2 * b) + 3 * h * p * b + h * p * n * (f + b) / q
+           + q + 8 * h * f)  # L, CB, scores; B/C per group; B, B·w, C per head; x·dt, ...; chunk states; masks, dt
+    gate = di * (5 * f + b)  # gated RMSNorm in fp32 (y, z, silu(z), the product, the normalised) and out_proj's input
+    return norm + proj + conv + ssd + gate
+
+
+def _activation_bytes_per_token(cfg: ModelConfig, kind: str, b: int, backend: str = "kernel") -> float:
     """Bytes one block of ``kind`` keeps for backward per token (b: compute dtype bytes; the residual stream is
     fp32): the pre-norm's input and output, then what the mixer's ops save (an estimate of autograd's saved tensors,
-    the fused kernels' own saves included: SSD chunk states, attention's log-sum-exp)."""
+    the fused kernels' own saves included: SSD chunk states, attention's log-sum-exp). ``backend``: the one that
+    will run the Mamba layers ("kernel": mamba_ssm's fused chunked scan; "ref": ``_mamba_ref_bytes_per_token``)."""
     d, r = cfg.d_model, 4
     block = d * (r + b)
+    if kind == MAMBA and backend == "ref":
+        return _mamba_ref_bytes_per_token(cfg, b)
     if kind == MAMBA:
         m, h = cfg.mamba, cfg.mamba_nheads
         return block + cfg.in_proj_dim * b + 2 * cfg.conv_dim * b + cfg.d_inner * (4 + 2 * b) \
@@ -311,16 +334,18 @@ def loss_chunk_tokens(tokens: int, vocab_size: int) -> int | None:
 
 
 def training_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int, activation_checkpointing: bool,
-                    world_size: int = 1, compute_bytes: int = 2, n_params: int | None = None) -> dict[str, float]:
+                    world_size: int = 1, compute_bytes: int = 2, n_params: int | None = None,
+                    backend: str = "kernel") -> dict[str, float]:
     """Estimated peak bytes per device of one training step: fp32 master params, fp32 grads, AdamW's two fp32
     moments (FSDP shards these three over ``world_size``) and the activations of one micro-batch of
     ``micro_batch`` × ``seq_len`` tokens. With activation checkpointing each block keeps only its fp32 input and one
     block at a time is recomputed in backward. The head keeps the logits (compute dtype and the fp32 copy of the
-    loss) and their fp32 gradient. ``n_params``: the model's parameter count when the caller has it."""
+    loss) and their fp32 gradient. ``n_params``: the model's parameter count when the caller has it. ``backend``:
+    the one that will run ("kernel" | "ref", ``training_backend``): the ref scan saves ~2.8× more per Mamba layer."""
     n_params = sum(param_counts(cfg).values()) if n_params is None else n_params
     static = n_params * (4 + 4 + 8) / world_size
     tokens = micro_batch * seq_len
-    per_layer = [_activation_bytes_per_token(cfg, kind, compute_bytes) for kind in cfg.pattern]
+    per_layer = [_activation_bytes_per_token(cfg, kind, compute_bytes, backend) for kind in cfg.pattern]
     if activation_checkpointing:
         layers = len(per_layer) * cfg.d_model * 4 + max(per_layer, default=0)
     else:
@@ -336,21 +361,23 @@ MEMORY_HEADROOM = 0.9  # of the device's memory: CUDA context, allocator fragmen
 
 
 def check_training_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int, activation_checkpointing: bool,
-                          world_size: int, compute_bytes: int, capacity_bytes: int, device_name: str) -> dict:
+                          world_size: int, compute_bytes: int, capacity_bytes: int, device_name: str,
+                          backend: str = "kernel") -> dict:
     """Raise HybridctlError when ``training_memory`` exceeds MEMORY_HEADROOM × capacity_bytes, saying what would fit
-    (micro-batch 1 with full activation checkpointing, or the number of devices FSDP needs). Returns the estimate."""
+    (micro-batch 1 with full activation checkpointing, or the number of devices FSDP needs). Returns the estimate.
+    ``backend``: the one that will run the Mamba layers (``kernels.training_backend``)."""
     from hybridctl.config import HybridctlError
 
     n_params = sum(param_counts(cfg).values())
 
     def est(mb: int, ac: bool, ws: int = world_size) -> float:
         return training_memory(cfg, seq_len=seq_len, micro_batch=mb, activation_checkpointing=ac, world_size=ws,
-                               compute_bytes=compute_bytes, n_params=n_params)["total"]
+                               compute_bytes=compute_bytes, n_params=n_params, backend=backend)["total"]
 
     limit = MEMORY_HEADROOM * capacity_bytes
     mem = training_memory(cfg, seq_len=seq_len, micro_batch=micro_batch,
                           activation_checkpointing=activation_checkpointing, world_size=world_size,
-                          compute_bytes=compute_bytes, n_params=n_params)
+                          compute_bytes=compute_bytes, n_params=n_params, backend=backend)
     if mem["total"] <= limit:
         return mem
     gib = 2 ** 30

@@ -196,13 +196,15 @@ device_memory = parallel.device_memory  # moved to the library (extend-context p
 def check_memory(cfg: ModelConfig, recipe: Recipe, info: parallel.DistInfo) -> dict:
     """Before the first step: HybridctlError when the recipe's estimated peak memory (model.training_memory) exceeds
     the device, with what would fit."""
+    from hybridctl import kernels
     from hybridctl.model import check_training_memory
 
     capacity, name = device_memory(info.device)
     return check_training_memory(cfg, seq_len=recipe.data.seq_len, micro_batch=recipe.optim.micro_batch,
                                  activation_checkpointing=recipe.parallel.activation_checkpointing,
                                  world_size=info.world_size, compute_bytes=2 if _use_bf16(recipe, info.device) else 4,
-                                 capacity_bytes=capacity, device_name=name)
+                                 capacity_bytes=capacity, device_name=name,
+                                 backend=kernels.training_backend(info.device))
 
 
 def _use_bf16(recipe: Recipe, device: torch.device) -> bool:

@@ -51,6 +51,13 @@ def test_dry_run_plan_writes_nothing(base, tmp_path):
     m = s["memory"]
     assert m["activations_checkpointed"] < m["activations"] and m["total"] > m["params"] + m["optimizer"]
     assert s["fits"] is True and s["micro_batch"] == 8 and s["activation_checkpointing"] is False
+    # planned for the backend that will run: on the CPU the ref scan (model.training_memory(backend="ref"))
+    from hybridctl.checkpoint import open_checkpoint
+    from hybridctl.model import training_memory
+
+    ref = training_memory(open_checkpoint(base).config, seq_len=256, micro_batch=8, activation_checkpointing=False,
+                          compute_bytes=4, backend="ref")
+    assert m["backend"] == "ref" and m["total"] == pytest.approx(ref["total"])
     i = s["inference"]  # NoPE hybrid: SSM state + KV of its one attention layer vs an all-attention stack
     assert i["ssm_state_bytes"] > 0 and i["transformer_kv_bytes"] > i["kv_cache_bytes"] > 0
     assert s["rope"] is None and s["eval_lengths"] == [64, 128, 256]

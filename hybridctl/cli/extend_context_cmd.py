@@ -56,7 +56,7 @@ def extend_context(
     plan = ec.plan_extension(checkpoint=ckpt, seq_len=seq_len, out=out, tokens=None if tokens is None else
                              int(tokens), steps=steps, data=data, mix=mix, short_fraction=short_fraction, lr=lr,
                              overrides=set_, eval_lengths=eval_lengths, eval_examples=eval_examples,
-                             rope_base=rope_base, base_seq_len=base_seq_len, device=device)
+                             rope_base=rope_base, base_seq_len=base_seq_len, device=device, backend=backend)
     if dry_run:
         s = plan.summary()
         return print_json(s, device=s["device"], dtype="auto") if json_ else typer.echo(_extend_table(s))
