@@ -7,6 +7,9 @@
 #   3. decode speed-up: the hybrid-1.3b side of the grid (paper_decode.py --reuse the Transformer's earlier rows).
 #   on the lent H200, from the repo root:   bash benchmarks/paper_gpu.sh
 #   CPU smoke test of the same steps:       SMOKE=1 OUT=/tmp/paper_out bash benchmarks/paper_gpu.sh
+#   only some parts:                        PARTS=2 PB_BUDGET=440 bash benchmarks/paper_gpu.sh
+#   (PB_BUDGET: the phonebook's seconds of training + export + evaluation; PB_SET: extra `--set` overrides for
+#   the three recipes, e.g. PB_SET="data.task_options.shots=6")
 set -uo pipefail
 OUT=${OUT:-/tmp/paper_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -16,7 +19,7 @@ if [ -z "${SMOKE:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia_smi.txt" 2>&1
   PRESET=hybrid-1.3b; PROMPT=1023; NEW=128; DEV=""
-  PB="--budget-s ${PB_BUDGET:-75} --eval-reserve-s 12 --producers 12"; PBL="640,1024,1536"; PBS=8
+  PB="--budget-s ${PB_BUDGET:-75} --eval-reserve-s 20 --producers 12"; PBL="640,1024,1536"; PBS=8
   D13="--pair hybrid-1.3b,transformer-1.3b --batches 1,4,16,64 --fit-contexts= --budget-s 40"
 else
   PRESET=tiny; PROMPT=100; NEW=16; DEV="--device cpu"
@@ -25,6 +28,9 @@ else
   D13="--tiny --device cpu --batches 1 --contexts 256 --fit-contexts= --steps 2 --budget-s 10"
 fi
 python3 -c "import torch, sys; print(sys.version, torch.__version__, torch.cuda.is_available())" | tee "$OUT/env.txt"
+PARTS=${PARTS:-123}; PBT=$(( ${PB_BUDGET:-75} + 65 )); [ -n "${SMOKE:-}" ] && PBT=140
+for o in ${PB_SET:-}; do PB="$PB --set $o"; done
+if [[ $PARTS == *1* ]]; then
 echo "== part 1: bench vs generate ($(date -u +%T))"
 $HC build --preset $PRESET --dtype bfloat16 -o "$W/ckpt" --json > "$OUT/build.json" 2> "$OUT/build.err"; echo "build rc $?"
 python3 -c "print('a' * $PROMPT, end='')" > "$W/prompt.txt"   # + BOS = PROMPT + 1 tokens (byte tokenizer)
@@ -53,14 +59,19 @@ try:
 except Exception as e:  # the raw files are in $OUT either way
     print("agreement: could not compare:", type(e).__name__, e)
 PY
+fi
+if [[ $PARTS == *2* ]]; then
 echo "== part 2: phonebook ($(date -u +%T))"
 rm -f "$W/ckpt"/*.safetensors
-timeout 140 python3 benchmarks/paper_phonebook.py $PB --out-dir "$W/pb" 2>&1 | tee "$OUT/phonebook.log"
-cp "$W/pb/paper_phonebook.json" "$OUT/" 2>/dev/null
+timeout $PBT python3 benchmarks/paper_phonebook.py $PB --out-dir "$W/pb" 2>&1 | tee "$OUT/phonebook.log"
+cp "$W/pb/paper_phonebook.json" "$W/pb/paper_phonebook.png" "$OUT/" 2>/dev/null
 timeout 60 $HC bench "$W/pb/hybrid/final" "$W/pb/mamba2/final" "$W/pb/transformer/final" $DEV --no-speed \
   --task phonebook --lengths $PBL --samples $PBS --json --plot "$OUT/pb_plots" > "$OUT/bench_phonebook.json" \
   2> "$OUT/bench_phonebook.err"; echo "bench phonebook rc $? ($(date -u +%T))"
+fi
+if [[ $PARTS == *3* ]]; then
 echo "== part 3: hybrid decode grid ($(date -u +%T))"
 timeout 70 python3 benchmarks/paper_decode.py $D13 --reuse benchmarks/results/paper_decode_h200.json \
   --out "$OUT/paper_decode_1.3b.json" --plot "$OUT/paper_decode_1.3b.png" 2>&1 | tee "$OUT/decode.log"
+fi
 echo "== done ($(date -u +%T))"; ls -la "$OUT"

@@ -168,6 +168,31 @@ def run(args) -> dict[str, Any]:
             "held_out_answer_loss": held}
 
 
+def plot(res: dict[str, Any], path: Path) -> None:
+    """Training loss (answer tokens) per model, and held-out exact match vs book size per model and layout."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for kind, color in zip(KINDS, ("tab:blue", "tab:orange", "tab:green")):
+        steps, losses = zip(*res["curves"][kind]) if res["curves"][kind] else ((), ())
+        a.plot(steps, losses, color=color, label=kind)
+        for layout, style in zip(LAYOUTS, ("-", "--")):
+            by = res["eval"][kind].get(layout, {})
+            ns = sorted(by, key=int)
+            b.plot([int(n) for n in ns], [by[n].get("eval_accuracy", float("nan")) for n in ns], style, marker="o",
+                   color=color, label=f"{kind} ({layout})")
+    a.set(xlabel="step", ylabel="training loss on the answers (nats)", title="training")
+    b.set(xlabel="phonebook entries", ylabel="exact match (held-out books)", ylim=(-0.03, 1.03),
+          title=f"{res['steps']} steps, {res['tokens_per_model'] / 1e6:.0f}M tokens per model")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def parser() -> argparse.ArgumentParser:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,17 +210,25 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--producers", type=int, default=10, help="data processes (each batch goes to all trainers)")
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--out-dir", default="paper_phonebook")
+    ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an earlier run's paper_phonebook.json")
     return ap
 
 
 def main() -> None:
     args = parser().parse_args()
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), Path(args.replot).with_suffix(".png"))
+        return
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = run(args)
     res["env"] = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                   "torch": torch.__version__, "backend": args.backend, "args": vars(args)}
     (out / "paper_phonebook.json").write_text(json.dumps(res, indent=1))
+    try:
+        plot(res, out / "paper_phonebook.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot (the JSON has everything)")
     for kind in KINDS:
         accs = {lay: {n: round(v.get("eval_accuracy", float("nan")), 2) for n, v in by.items()}
                 for lay, by in res["eval"][kind].items()}

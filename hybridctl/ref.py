@@ -194,9 +194,11 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, init
     """Causal depthwise conv along time. x [B,T,Ch], weight [Ch,K], bias [Ch], initial_state [B,Ch,K] (the last K
     inputs before x; only the last K-1 are used), seq_idx [B,T]: taps never reach into another document.
 
-    Without seq_idx one dense F.conv1d; with it, K shifted products whose taps are masked to the output token's own
-    document (``_document_conv``), so neither values nor gradients ever mix documents. CUDA runs in the input dtype
-    (as mamba_ssm's torch fallback does).
+    Without seq_idx one dense F.conv1d; with it, on CUDA or under compile, K shifted products whose taps are masked to
+    the output token's own document (``_document_conv``: static shapes, fuses); in eager CPU code the dense conv with
+    the windows that cross a document start recomputed (``_recompute_document_starts``: 4× cheaper there, one host
+    sync). Either way neither values nor gradients mix documents. CUDA runs in the input dtype (as mamba_ssm's torch
+    fallback does).
     """
     bsz, seqlen, ch = x.shape
     k = weight.shape[-1]
@@ -204,11 +206,13 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, init
     xc, w = x.to(cd), weight.to(cd)
     prev = (initial_state[:, :, 1:].to(cd) if initial_state is not None
             else xc.new_zeros(bsz, ch, k - 1))
-    if seq_idx is None:
+    if seq_idx is not None and (xc.is_cuda or torch.compiler.is_compiling()):
+        out = _document_conv(torch.cat([prev.transpose(1, 2), xc], dim=1), w, seq_idx)
+    else:
         xp = torch.cat([prev, xc.transpose(1, 2)], dim=2)  # [B,Ch,K-1+T]
         out = F.conv1d(xp, w[:, None], None, groups=ch).transpose(1, 2)  # [B,T,Ch]
-    else:
-        out = _document_conv(torch.cat([prev.transpose(1, 2), xc], dim=1), w, seq_idx)
+        if seq_idx is not None:  # eager CPU: the dense conv, then the few windows that cross a document start
+            out = _recompute_document_starts(out, xc, w, seq_idx)
     if bias is not None:
         out = out + bias.to(cd)
     if activation == "silu":
@@ -232,6 +236,26 @@ def _document_conv(xp: Tensor, w: Tensor, seq_idx: Tensor) -> Tensor:
         same = (sid[:, i:i + seqlen] == seq_idx).to(acc)[..., None]
         out = out + xa[:, i:i + seqlen] * wa[:, i] * same
     return out.to(xp.dtype)
+
+
+def _recompute_document_starts(out: Tensor, x: Tensor, w: Tensor, seq_idx: Tensor) -> Tensor:
+    """out [B,T,Ch] of the dense conv, with out[b, t] replaced, for every t whose K-wide window crosses a document
+    start inside the row, by the taps of t's own document. Such a t follows a start inside the row, so its window
+    never needs the initial state (which belongs to the row's first document): taps before position 0 are dropped."""
+    k = w.shape[-1]
+    starts = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0), value=False)  # [B,T] a new document begins
+    affected = starts.clone()
+    for j in range(1, k - 1):
+        affected[:, j:] |= starts[:, :-j]
+    b_idx, t_idx = affected.nonzero(as_tuple=True)
+    if b_idx.numel() == 0:
+        return out
+    vals = x[b_idx, t_idx] * w[:, k - 1]
+    for j in range(1, k):
+        src = t_idx - j
+        ok = (src >= 0) & (seq_idx[b_idx, src.clamp(min=0)] == seq_idx[b_idx, t_idx])
+        vals = vals + x[b_idx, src.clamp(min=0)] * w[:, k - 1 - j] * ok[:, None]
+    return out.index_put((b_idx, t_idx), vals)
 
 
 def conv_step(conv_state: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None = None, *,

@@ -190,3 +190,32 @@ def test_causal_conv1d_seq_idx_compiles_without_graph_break():
     # the first document keeps the initial state's taps; a later one never sees them
     assert not torch.allclose(got[:, :1], ref.causal_conv1d(x, w, bias, seq_idx=seq_idx)[:, :1])
     assert torch.allclose(got[0, 5:], ref.causal_conv1d(x[:1, 5:], w, bias)[0], atol=1e-6)
+
+
+def test_document_conv_eager_cpu_path_equals_the_masked_taps_values_and_gradients():
+    """Eager CPU code takes the dense conv with the windows across a document start recomputed (4× cheaper there);
+    CUDA / compiled code the masked taps. Both are exact: equal values and gradients (x, weight, initial state), with
+    documents shorter than the kernel, a row that is one document and a row starting a new document at t=1."""
+    g = torch.Generator().manual_seed(5)
+    b, t, ch, k = 4, 13, 6, 4
+    seq_idx = torch.tensor([[0] * 13, [0] + [1] * 2 + [2] + [3] * 9, [0] * 6 + [1] * 7, [0] * 3 + [1] + [2] * 9],
+                           dtype=torch.int32)
+
+    def run(masked: bool):
+        x = torch.randn(b, t, ch, dtype=f64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        w = torch.randn(ch, k, dtype=f64, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        init = torch.randn(b, ch, k, dtype=f64, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        if masked:
+            xp = torch.cat([init[:, :, 1:].transpose(1, 2), x], dim=1)
+            out = ref._document_conv(xp, w, seq_idx)
+        else:
+            out = ref.causal_conv1d(x, w, None, initial_state=init, seq_idx=seq_idx, activation=None)
+        (out * torch.randn(out.shape, dtype=f64, generator=g.manual_seed(9))).sum().backward()
+        return out.detach(), x.grad, w.grad, init.grad
+
+    for a, c in zip(run(False), run(True)):
+        assert (a - c).abs().max().item() < 1e-12
+    # a document that starts inside the row never sees another document's inputs
+    x = torch.randn(b, t, ch, dtype=f64, generator=g)
+    got = ref.causal_conv1d(x, torch.ones(ch, k, dtype=f64), None, seq_idx=seq_idx, activation=None)
+    assert (got[1, 3] - x[1, 3]).abs().max().item() < 1e-12  # a one-token document: only its own tap
