@@ -255,7 +255,7 @@ def _recompute_document_starts(out: Tensor, x: Tensor, w: Tensor, seq_idx: Tenso
         src = t_idx - j
         ok = (src >= 0) & (seq_idx[b_idx, src.clamp(min=0)] == seq_idx[b_idx, t_idx])
         vals = vals + x[b_idx, src.clamp(min=0)] * w[:, k - 1 - j] * ok[:, None]
-    return out.index_put((b_idx, t_idx), vals)
+    return out.index_put((b_idx, t_idx), vals.to(out.dtype))  # autocast: the conv ran in bf16, x is fp32
 
 
 def conv_step(conv_state: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
