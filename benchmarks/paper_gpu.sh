@@ -9,7 +9,7 @@
 #   CPU smoke test of the same steps:       SMOKE=1 OUT=/tmp/paper_out bash benchmarks/paper_gpu.sh
 #   only some parts:                        PARTS=2 PB_BUDGET=440 bash benchmarks/paper_gpu.sh
 #   (PB_BUDGET: the phonebook's seconds of training + export + evaluation; PB_SET: extra `--set` overrides for
-#   the three recipes, e.g. PB_SET="data.task_options.shots=6")
+#   the three recipes, e.g. PB_SET="data.task_options.n_entries=12"; PB_LENGTHS: the bench's phonebook lengths)
 set -uo pipefail
 OUT=${OUT:-/tmp/paper_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -19,7 +19,7 @@ if [ -z "${SMOKE:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia_smi.txt" 2>&1
   PRESET=hybrid-1.3b; PROMPT=1023; NEW=128; DEV=""
-  PB="--budget-s ${PB_BUDGET:-75} --eval-reserve-s 20 --producers 12"; PBL="640,1024,1536"; PBS=8
+  PB="--budget-s ${PB_BUDGET:-75} --eval-reserve-s 20 --producers 12"; PBL="${PB_LENGTHS:-640,1024,1536}"; PBS=8
   D13="--pair hybrid-1.3b,transformer-1.3b --batches 1,4,16,64 --fit-contexts= --budget-s 40"
 else
   PRESET=tiny; PROMPT=100; NEW=16; DEV="--device cpu"
