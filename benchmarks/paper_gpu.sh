@@ -9,7 +9,8 @@
 #   CPU smoke test of the same steps:       SMOKE=1 OUT=/tmp/paper_out bash benchmarks/paper_gpu.sh
 #   only some parts:                        PARTS=2 PB_BUDGET=440 bash benchmarks/paper_gpu.sh
 #   (PB_BUDGET: the phonebook's seconds of training + export + evaluation; PB_SET: extra `--set` overrides for
-#   the three recipes, e.g. PB_SET="data.task_options.n_entries=12"; PB_LENGTHS: the bench's phonebook lengths)
+#   the three recipes, e.g. PB_SET="data.task_options.n_entries=12"; PB_LENGTHS: the bench's phonebook lengths;
+#   PB_ARGS: more paper_phonebook.py flags, e.g. PB_ARGS="--curriculum 2:250,4:400")
 set -uo pipefail
 OUT=${OUT:-/tmp/paper_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -29,7 +30,7 @@ else
 fi
 python3 -c "import torch, sys; print(sys.version, torch.__version__, torch.cuda.is_available())" | tee "$OUT/env.txt"
 PARTS=${PARTS:-123}; PBT=$(( ${PB_BUDGET:-75} + 65 )); [ -n "${SMOKE:-}" ] && PBT=140
-for o in ${PB_SET:-}; do PB="$PB --set $o"; done
+for o in ${PB_SET:-}; do PB="$PB --set $o"; done; PB="$PB ${PB_ARGS:-}"  # PB_ARGS: more driver flags
 if [[ $PARTS == *1* ]]; then
 echo "== part 1: bench vs generate ($(date -u +%T))"
 $HC build --preset $PRESET --dtype bfloat16 -o "$W/ckpt" --json > "$OUT/build.json" 2> "$OUT/build.err"; echo "build rc $?"

@@ -60,16 +60,38 @@ def same_data(recipes) -> None:
         raise SystemExit("the three recipes must differ in [model] only")
 
 
-def _producer(queues, j: int, recipe) -> None:
-    """Producer j: its own seeded stream of the recipe's batches, each put to every trainer's queue."""
+def parse_curriculum(text: str) -> list[tuple[int, int]]:
+    """"2:300,4:500" -> [(2, 300), (4, 500)]: books of at most 2 entries before step 300, 4 before 500, then the
+    recipe's own n_entries."""
+    stages = [tuple(int(v) for v in part.split(":")) for part in text.split(",") if part.strip()]
+    if any(len(st) != 2 or st[0] < 1 for st in stages) or [u for _, u in stages] != sorted({u for _, u in stages}):
+        raise SystemExit(f"--curriculum: want ENTRIES:UNTIL_STEP,... with increasing steps, got {text!r}")
+    return stages
+
+
+def _producer(queues, j: int, recipe, curriculum: list[tuple[int, int]], n_producers: int) -> None:
+    """Producer j: its own seeded stream of the recipe's batches, each put to every trainer's queue. Its k-th batch
+    is trained at step k * n_producers + j (trainers take producer step % P), so a curriculum stage is known here."""
     d = recipe.data
-    loader = build_loader(source=d.source, tokenizer=ByteTokenizer(), seq_len=d.seq_len,
-                          batch_size=recipe.optim.micro_batch, seed=recipe.seed + 7919 * j,
-                          task_options=d.task_options)
-    for b in loader:
-        arrays = {k: v.numpy() for k, v in b.items()}
+    opts = dict(d.task_options or {})
+    stages = [*curriculum, (opts.get("n_entries"), None)]
+
+    def stream(n_entries):
+        o = {**opts, "n_entries": n_entries, "min_entries": min(opts.get("min_entries") or 1, n_entries)} \
+            if n_entries is not None else opts
+        return iter(build_loader(source=d.source, tokenizer=ByteTokenizer(), seq_len=d.seq_len,
+                                 batch_size=recipe.optim.micro_batch, seed=recipe.seed + 7919 * j, task_options=o))
+
+    streams, k = {}, 0
+    while True:
+        step = k * n_producers + j
+        stage = next(i for i, (_, until) in enumerate(stages) if until is None or step < until)
+        if stage not in streams:
+            streams = {stage: stream(stages[stage][0])}  # earlier stages are done with
+        arrays = {name: v.numpy() for name, v in next(streams[stage]).items()}
         for q in queues:
             q.put(arrays)
+        k += 1
 
 
 def eval_books(model, recipe, args, device) -> dict[str, dict[str, Any]]:
@@ -148,7 +170,9 @@ def run(args) -> dict[str, Any]:
     rec = recipes["hybrid"]
     ctx = mp.get_context("fork")  # nothing here has touched CUDA: the children initialise it themselves
     queues = [[ctx.Queue(maxsize=8) for _ in KINDS] for _ in range(args.producers)]
-    producers = [ctx.Process(target=_producer, args=(queues[j], j, rec), daemon=True) for j in range(args.producers)]
+    curriculum = parse_curriculum(args.curriculum)
+    producers = [ctx.Process(target=_producer, args=(queues[j], j, rec, curriculum, args.producers), daemon=True)
+                 for j in range(args.producers)]
     barrier, per_step, results = ctx.Barrier(len(KINDS)), ctx.Array("d", len(KINDS)), ctx.Queue()
     trainers = [ctx.Process(target=trainer, args=(c, k, [q for q in queues], barrier, per_step, args, t0, results))
                 for c, k in enumerate(KINDS)]
@@ -177,7 +201,7 @@ def run(args) -> dict[str, Any]:
             * d.seq_len, "wall_s": time.perf_counter() - t0,
             "recipe": {"seq_len": d.seq_len, "micro_batch": rec.optim.micro_batch, "task_options": d.task_options,
                        "lr": rec.optim.lr, "min_lr": rec.optim.min_lr, "warmup_steps": rec.optim.warmup_steps,
-                       "schedule": rec.optim.schedule},
+                       "schedule": rec.optim.schedule, "curriculum": parse_curriculum(args.curriculum)},
             "models": {k: {x: got[k][x] for x in ("params", "pattern", "train_s", "eval_s", "final", "steps")}
                        for k in KINDS},
             "curves": {k: got[k]["curve"] for k in KINDS}, "eval": {k: got[k]["eval"] for k in KINDS},
@@ -222,6 +246,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget-s", type=float, default=90.0, help="wall time of training + export + evaluation")
     ap.add_argument("--eval-reserve-s", type=float, default=15.0)
     ap.add_argument("--max-steps", type=int, default=20000)
+    ap.add_argument("--curriculum", default="", help="growing books: ENTRIES:UNTIL_STEP,... (e.g. 2:300,4:500): "
+                    "books of at most ENTRIES entries before step UNTIL_STEP, then the recipe's n_entries")
     ap.add_argument("--calibrate", type=int, default=12)
     ap.add_argument("--producers", type=int, default=10, help="data processes (each batch goes to all trainers)")
     ap.add_argument("--log-every", type=int, default=100)

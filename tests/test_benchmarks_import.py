@@ -74,3 +74,42 @@ def test_decode_bytes_per_step_counts_weights_and_cache(tied):
     bf16 = decode_bytes_per_step(model, B, L, state_bytes=2)
     ssm = sum(st.ssm.numel() for st in cache.layers.values() if hasattr(st, "ssm"))
     assert decode_bytes_per_step(model, B, L) - bf16 == 2 * ssm * 2  # read + write, 4 → 2 bytes
+
+
+def test_phonebook_driver_curriculum_grows_the_books(bench_path):
+    """paper_phonebook's producers: producer j's k-th batch is trained at step k*P + j, so books stay at the
+    curriculum's size before its step and take the recipe's n_entries after; bad curricula are refused."""
+    import re
+
+    pb = load("paper_phonebook.py")
+    assert pb.parse_curriculum("2:300,4:500") == [(2, 300), (4, 500)]
+    for bad in ("2:500,4:300", "0:10", "2"):
+        with pytest.raises(SystemExit):
+            pb.parse_curriculum(bad)
+
+    class _Enough(Exception):
+        pass
+
+    class Q:
+        def __init__(self):
+            self.got = []
+
+        def put(self, arrays):
+            self.got.append(arrays)
+            if len(self.got) == 6:
+                raise _Enough
+
+    rec = pb.load("transformer", type("A", (), {"tiny": True, "set": ["optim.micro_batch=2"]})(), 10)
+    q = Q()
+    with pytest.raises(_Enough):
+        pb._producer([q], 1, rec, [(1, 7)], 2)  # producer 1 of 2: its batches are steps 1, 3, 5, 7, 9, 11
+    entry = re.compile(r"^(?!Answer)[^\n:]+: \d{3}-\d{3}-\d{4}$", re.M)  # book lines, not the shots' answers
+    per_step = []
+    for arrays in q.got:
+        books = []
+        for row in arrays["input_ids"]:
+            text = bytes(int(t) for t in row if t < 256).decode("utf-8", "replace")
+            books += [len(entry.findall(part)) for part in text.split("Here is the phonebook:")[1:]]
+        per_step.append(max(books))
+    assert per_step[:3] == [1, 1, 1]  # steps 1, 3, 5 < 7: one entry
+    assert max(per_step[3:]) > 1      # steps 7, 9, 11: the recipe's books (up to 12 in the tiny variant)
